@@ -18,6 +18,7 @@ names (`stage2.0` is unit 0).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -174,11 +175,11 @@ class SearchSpace:
             prefix = stage_name(i)
             depth = choose(f"{prefix}.depth", c.depths)
             width = choose(f"{prefix}.width", c.widths)
-            units = tuple(
-                Unit(split=choose(f"{prefix}.unit{j}.split", c.splits), kernel=choose(f"{prefix}.unit{j}.kernel", c.kernels))
-                for j in range(depth)
-            )
-            stages.append(Stage(width=width, units=units))
+            units = []
+            for j in range(depth):
+                split = choose(f"{prefix}.unit{j}.split", c.splits)
+                units.append(Unit(split=split, kernel=choose(f"{prefix}.unit{j}.kernel", c.kernels)))
+            stages.append(Stage(width=width, units=tuple(units)))
         return Arch(stem=stem, stages=tuple(stages), head=choose("head.width", self.head_widths))
 
     def sample(self, rng: np.random.Generator) -> Arch:
@@ -225,10 +226,8 @@ class SearchSpace:
         """Every torchvision arch this space contains, by name."""
         found = {}
         for name in REFERENCES:
-            try:
+            with contextlib.suppress(ValueError):
                 found[name] = self.reference(name)
-            except ValueError:
-                pass
         return found
 
     def size(self) -> int:

@@ -25,24 +25,25 @@ def _conv(cin: int, cout: int, kernel: int, depthwise: bool = False) -> nn.Conv2
 
 def _apply_conv(x: torch.Tensor, conv: nn.Conv2d, cout: int, kernel: int, stride: int, depthwise: bool) -> torch.Tensor:
     w = conv.weight
-    cin = x.shape[1]
-    off = (w.shape[-1] - kernel) // 2
-    if depthwise:
-        w = w[:cout, :, off : off + kernel, off : off + kernel]
-        return F.conv2d(x, w, None, stride, kernel // 2, 1, cout)
-    w = w[:cout, :cin, off : off + kernel, off : off + kernel]
-    return F.conv2d(x, w, None, stride, kernel // 2)
+    cin = 1 if depthwise else x.shape[1]
+    if w.shape[0] != cout or w.shape[1] != cin:
+        w = w[:cout, :cin]
+    if w.shape[-1] != kernel:  # the centre of the largest kernel, as Once-for-All shares kernels
+        off = (w.shape[-1] - kernel) // 2
+        w = w[:, :, off : off + kernel, off : off + kernel]
+    return F.conv2d(x, w, None, stride, kernel // 2, 1, cout if depthwise else 1)
 
 
 def _apply_bn(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     c = x.shape[1]
     use_batch_stats = bn.training or bn.running_mean is None
+    full = c == bn.num_features  # skip the slice (and its backward) when the whole layer is active
     return F.batch_norm(
         x,
-        bn.running_mean[:c] if bn.running_mean is not None else None,
-        bn.running_var[:c] if bn.running_var is not None else None,
-        bn.weight[:c],
-        bn.bias[:c],
+        None if bn.running_mean is None else bn.running_mean if full else bn.running_mean[:c],
+        None if bn.running_var is None else bn.running_var if full else bn.running_var[:c],
+        bn.weight if full else bn.weight[:c],
+        bn.bias if full else bn.bias[:c],
         use_batch_stats,
         bn.momentum if bn.momentum is not None else 0.0,
         bn.eps,
