@@ -1,0 +1,178 @@
+"""What every searcher shares: the interfaces it is given, the records it keeps, the results it writes.
+
+A searcher is given a space, a latency predictor (a `latency_lut.LatencyTable` or anything with the same three
+methods) and something that scores archs. It never imports training code: evaluators arrive as small picklable
+factories, so Ray workers can build their own from paths instead of receiving pickled closures.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from search_space import Arch, SearchSpace
+
+
+@runtime_checkable
+class LatencyPredictor(Protocol):
+    """Predicts a network's latency in milliseconds (the LUT)."""
+
+    def predict(self, arch: Arch) -> float: ...
+
+    def min_latency(self, space: SearchSpace) -> float: ...
+
+    def max_latency(self, space: SearchSpace) -> float: ...
+
+
+class Evaluator(Protocol):
+    """Scores one arch: validation accuracy in [0, 1] (e.g. supernet weights + BatchNorm recalibration)."""
+
+    def evaluate(self, arch: Arch) -> float: ...
+
+
+class CandidateTrainer(Protocol):
+    """Trains one arch from scratch for a few epochs, calling `report(epoch, val_accuracy)` after each (ASHA mode).
+
+    `workdir` is an absolute directory owned by this candidate, so an interrupted training can resume there.
+    """
+
+    def train(self, arch: Arch, epochs: int, workdir: str, report: Callable[[int, float], None]) -> float: ...
+
+
+# Factories are called where the work runs (a Ray worker, or this process) and must pickle cheaply.
+EvaluatorFactory = Callable[[], Evaluator]
+TrainerFactory = Callable[[], CandidateTrainer]
+
+
+class InfeasibleTarget(ValueError):
+    """No arch of the space can meet the latency target on this table."""
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as every searcher records it (a row of trials.csv)."""
+
+    number: int
+    arch: str  # Arch.encode()
+    predicted_ms: float  # LUT latency
+    feasible: bool  # predicted_ms <= target
+    accuracy: float  # validation accuracy; NaN when not evaluated (infeasible)
+    params: int
+    mflops: float
+    state: str  # COMPLETE, FAIL, RUNNING, ...
+    seconds: float  # wall time of the evaluation
+
+    @property
+    def evaluated(self) -> bool:
+        return not math.isnan(self.accuracy)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Every trial, the best feasible one and the feasible Pareto front (accuracy up, latency down)."""
+
+    target_ms: float
+    trials: tuple[TrialRecord, ...]
+
+    @property
+    def feasible(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.state == "COMPLETE" and t.feasible and t.evaluated]
+
+    @property
+    def best(self) -> TrialRecord | None:
+        """The most accurate feasible trial (ties: the faster, then the earlier)."""
+        ranked = self.top(1)
+        return ranked[0] if ranked else None
+
+    def top(self, k: int) -> list[TrialRecord]:
+        """The k most accurate feasible trials with distinct archs."""
+        seen: set[str] = set()
+        out = []
+        for t in sorted(self.feasible, key=lambda t: (-t.accuracy, t.predicted_ms, t.number)):
+            if t.arch not in seen:
+                seen.add(t.arch)
+                out.append(t)
+        return out[:k]
+
+    @property
+    def pareto(self) -> list[TrialRecord]:
+        """Feasible trials that no other feasible trial beats on both accuracy and latency; distinct archs."""
+        front: list[TrialRecord] = []
+        best_acc = -math.inf
+        for t in sorted(self.top(len(self.trials)), key=lambda t: (t.predicted_ms, -t.accuracy)):
+            if t.accuracy > best_acc:
+                front.append(t)
+                best_acc = t.accuracy
+        return front
+
+    @property
+    def infeasible_share(self) -> float:
+        done = [t for t in self.trials if t.state == "COMPLETE"]
+        return sum(not t.feasible for t in done) / len(done) if done else 0.0
+
+    def write_csv(self, path: str | Path) -> None:
+        """All trials to a CSV file, written atomically."""
+        names = [f.name for f in fields(TrialRecord)]
+        rows = [asdict(t) for t in self.trials]
+        atomic_write(path, lambda f: _write_rows(f, names, rows))
+
+
+def _write_rows(f, names: Sequence[str], rows: Iterable[dict]) -> None:
+    writer = csv.DictWriter(f, fieldnames=names)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def atomic_write(path: str | Path, write: Callable, mode: str = "w") -> None:
+    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, newline="" if "b" not in mode else None) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_target(predictor: LatencyPredictor, space: SearchSpace, target_ms: float) -> str | None:
+    """Fail before any work when no arch can meet `target_ms`; return a notice when every arch does.
+
+    Raises:
+        InfeasibleTarget: the target is not positive or below the space's fastest arch on this table.
+    """
+    if not math.isfinite(target_ms) or target_ms <= 0:
+        raise InfeasibleTarget(f"target {target_ms} ms: must be a positive number of milliseconds")
+    fastest = predictor.min_latency(space)
+    if target_ms < fastest:
+        raise InfeasibleTarget(
+            f"target {target_ms:g} ms cannot be met: the fastest arch of space {space.name!r} takes "
+            f"{fastest:.3f} ms on this latency table"
+        )
+    slowest = predictor.max_latency(space)
+    if target_ms >= slowest:
+        return (f"notice: every arch of space {space.name!r} meets {target_ms:g} ms (the slowest takes "
+                f"{slowest:.3f} ms): the latency constraint does not bind")
+    return None
+
+
+def describe(space: SearchSpace, arch: Arch, predicted_ms: float, target_ms: float, num_classes: int) -> dict:
+    """The user attributes every searcher stores with a trial."""
+    cost = space.cost(arch, num_classes)
+    return {
+        "arch": arch.encode(),
+        "predicted_ms": float(predicted_ms),
+        "feasible": bool(predicted_ms <= target_ms),
+        "params": cost.params,
+        "mflops": cost.mflops,
+    }

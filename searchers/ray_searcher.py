@@ -1,0 +1,250 @@
+"""Constrained architecture search with Ray Tune: how a search outgrows one machine.
+
+The search algorithm is Optuna (`OptunaSearch`) with a define-by-run space function that predicts each arch's
+latency and calls `trial.set_constraint`, since OptunaSearch has no constraint argument. Trials run as Ray tasks
+with the resources asked for; each builds its evaluator from a small picklable factory (paths, not closures over
+a supernet). Ray's own `get_best_result` ignores constraints, so winners come from the Optuna study's feasible
+trials. A second mode trains candidates from scratch for a few epochs under the ASHA scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+# Ray's console tables would drown our progress line; this must be set before ray.tune is imported.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.search import ConcurrencyLimiter  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from search_space import Arch, SearchSpace  # noqa: E402
+from searchers.base import (  # noqa: E402
+    EvaluatorFactory,
+    LatencyPredictor,
+    SearchResult,
+    TrainerFactory,
+    TrialRecord,
+    check_target,
+)
+from searchers.objective import OBJECTIVES, constrain  # noqa: E402
+from searchers.optuna_searcher import DEFAULT_STUDY, SAMPLERS, make_sampler, make_storage  # noqa: E402
+
+MODES = ("supernet", "asha")
+
+# Built once per Ray worker process: a supernet evaluator is expensive to load and the same for every trial.
+_WORKER_CACHE: dict[Any, Any] = {}
+
+
+def _cached(factory: Any) -> Any:
+    key = repr(factory)
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE[key] = factory()
+    return _WORKER_CACHE[key]
+
+
+def _evaluate_trial(config: dict[str, Any], factory: EvaluatorFactory) -> None:
+    """Ray trainable: score one arch with inherited weights (feasible archs only)."""
+    start = time.perf_counter()
+    accuracy = math.nan
+    if config["feasible"]:
+        accuracy = float(_cached(factory).evaluate(Arch.decode(config["arch"])))
+    tune.report({"accuracy": 0.0 if math.isnan(accuracy) else accuracy, "raw_accuracy": accuracy,
+                 "latency": config["predicted_ms"], "seconds": time.perf_counter() - start})
+
+
+def _train_trial(config: dict[str, Any], factory: TrainerFactory, epochs: int, workdir: str) -> None:
+    """Ray trainable for ASHA: train from scratch, report validation accuracy after every epoch."""
+    arch = Arch.decode(config["arch"])
+    if not config["feasible"]:
+        tune.report({"accuracy": 0.0, "raw_accuracy": math.nan, "latency": config["predicted_ms"]})
+        return
+    start = time.perf_counter()
+
+    def report(epoch: int, accuracy: float) -> None:
+        tune.report({"accuracy": accuracy, "raw_accuracy": accuracy, "latency": config["predicted_ms"],
+                     "epoch": epoch, "seconds": time.perf_counter() - start})
+
+    # The candidate's own absolute directory: a retried or restored trial resumes its training there.
+    _cached(factory).train(arch, epochs, str(Path(workdir) / arch.encode()), report)
+
+
+@dataclass
+class RaySearcher:
+    """Constrained search with Ray Tune and OptunaSearch.
+
+    Attributes:
+        space, predictor, target_ms: as for OptunaSearcher.
+        evaluator_factory: builds the evaluator inside a Ray worker (mode "supernet").
+        trainer_factory: builds the candidate trainer inside a Ray worker (mode "asha").
+        mode: "supernet" (inherited weights) or "asha" (train from scratch, ASHA stops the weak early).
+        sampler, objectives, storage, study_name, seed, num_classes: as for OptunaSearcher. ASHA is single
+            objective only: its truncated results would mislead a multi-objective sampler.
+        run_dir: absolute run directory; Ray's experiment state goes to run_dir/ray.
+        ray_address: join an existing cluster ("auto" or "host:port"); None starts a local instance.
+        cpus_per_trial, gpus_per_trial: resources of one trial (fractions allowed).
+        max_concurrent: trials at once.
+        asha_epochs, asha_grace: ASHA's max_t and grace period, in epochs.
+    """
+
+    space: SearchSpace
+    predictor: LatencyPredictor
+    target_ms: float
+    evaluator_factory: EvaluatorFactory | None = None
+    trainer_factory: TrainerFactory | None = None
+    mode: str = "supernet"
+    sampler: str = "tpe"
+    objectives: str = "single"
+    storage: str | Path | None = None
+    run_dir: str | Path = "runs/search"
+    study_name: str = DEFAULT_STUDY
+    seed: int = 0
+    num_classes: int = 10
+    ray_address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 2
+    asha_epochs: int = 4
+    asha_grace: int = 1
+    progress: bool = True
+    enqueue_references: bool = True
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir).resolve()  # Ray runs trials in their own working directories
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
+        if self.objectives not in OBJECTIVES:
+            raise ValueError(f"objectives {self.objectives!r} is not one of {list(OBJECTIVES)}")
+        if self.mode == "asha" and self.objectives != "single":
+            raise ValueError("ASHA mode is single-objective only: truncated results would mislead the Pareto front")
+        if self.mode == "supernet" and self.evaluator_factory is None:
+            raise ValueError("mode 'supernet' needs an evaluator_factory")
+        if self.mode == "asha" and self.trainer_factory is None:
+            raise ValueError("mode 'asha' needs a trainer_factory")
+
+    def _storage(self) -> optuna.storages.BaseStorage:
+        return make_storage(self.storage, self.run_dir)
+
+    def _define(self, trial: optuna.Trial) -> dict[str, Any]:
+        _, attrs = constrain(self.space, trial, self.predictor, self.target_ms, self.num_classes)
+        return attrs  # constants merged into the Ray trial's config
+
+    def _trainable(self) -> Any:
+        if self.mode == "supernet":
+            fn = tune.with_parameters(_evaluate_trial, factory=self.evaluator_factory)
+        else:
+            fn = tune.with_parameters(_train_trial, factory=self.trainer_factory, epochs=self.asha_epochs,
+                                      workdir=str(self.run_dir / "candidates"))
+        return tune.with_resources(fn, {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial})
+
+    def _init_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+        if self.ray_address:
+            ray.init(address=self.ray_address, **kwargs)
+        else:
+            ray.init(**kwargs)
+
+    def run(self, n_trials: int) -> SearchResult:
+        """Run (or resume) the Tune experiment until `n_trials` trials have finished; winners from the study."""
+        if n_trials < 1:
+            raise ValueError(f"n_trials {n_trials} must be at least 1")
+        notice = check_target(self.predictor, self.space, self.target_ms)  # before any work
+        if notice:
+            print(notice, file=sys.stderr)
+        self._init_ray()
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage_path = self.run_dir / "ray"
+        name = f"{self.study_name}-{self.mode}"
+        experiment = storage_path / name
+        trainable = self._trainable()
+        callbacks = [_ProgressCallback(n_trials)] if self.progress else []
+        if tune.Tuner.can_restore(str(experiment)):
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        else:
+            multi = self.objectives == "multi"
+            metric: Any = ["accuracy", "latency"] if multi else "accuracy"
+            mode: Any = ["max", "min"] if multi else "max"
+            points = []
+            if self.enqueue_references:
+                points = [self.space.params(a) for a in self.space.contained_references().values()
+                          if self.predictor.predict(a) <= self.target_ms]
+            search = OptunaSearch(
+                space=self._define, metric=metric, mode=mode, sampler=make_sampler(self.sampler, self.seed),
+                study_name=self.study_name, storage=self._storage(), seed=self.seed,
+                points_to_evaluate=points or None,
+            )
+            scheduler = None
+            if self.mode == "asha":
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=self.asha_epochs,
+                                          grace_period=self.asha_grace, reduction_factor=2)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=ConcurrencyLimiter(search, max_concurrent=self.max_concurrent),
+                    scheduler=scheduler,
+                    num_samples=n_trials,
+                    # Ray needs one metric/mode for its own bookkeeping; the multi-objective view is the study's.
+                    metric=None if multi else "accuracy",
+                    mode=None if multi else "max",
+                ),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=str(storage_path), verbose=0, callbacks=callbacks,
+                    failure_config=tune.FailureConfig(max_failures=1),  # one retry, from the trial's checkpoint,
+                ),
+            )
+        grid = tuner.fit()
+        if grid.errors:
+            raise RuntimeError(f"{len(grid.errors)} Ray trial(s) failed; the first: {grid.errors[0]!r}")
+        return self.result()
+
+    def result(self) -> SearchResult:
+        """The study's trials (Ray's result grid would ignore the constraint)."""
+        study = optuna.load_study(study_name=self.study_name, storage=self._storage())
+        records = []
+        for t in study.get_trials(deepcopy=False):
+            a = t.user_attrs
+            # OptunaSearch reports values, not our attributes: accuracy is the first objective, 0 if infeasible.
+            acc = t.values[0] if t.values and a.get("feasible") else math.nan
+            records.append(TrialRecord(
+                number=t.number, arch=a.get("arch", ""), predicted_ms=float(a.get("predicted_ms", math.nan)),
+                feasible=bool(a.get("feasible", False)), accuracy=float(acc), params=int(a.get("params", 0)),
+                mflops=float(a.get("mflops", math.nan)), state=t.state.name, seconds=math.nan,
+            ))
+        return SearchResult(self.target_ms, tuple(records))
+
+
+class _ProgressCallback(tune.Callback):
+    """Our own one-line progress for Ray (its console output is switched off)."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="search (ray)", unit="trial", dynamic_ncols=True)
+        self.best = math.nan
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        acc = (trial.last_result or {}).get("raw_accuracy", math.nan)
+        if not math.isnan(acc) and (math.isnan(self.best) or acc > self.best):
+            self.best = acc
+        self.bar.set_postfix(best=f"{self.best:.4f}", refresh=False)
+        self.bar.update(1)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.bar.close()
