@@ -129,6 +129,10 @@ def _write_rows(f, names: Sequence[str], rows: Iterable[dict]) -> None:
     writer.writerows(rows)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | Path, write: Callable, mode: str = "w") -> None:
     """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
@@ -139,6 +143,7 @@ def atomic_write(path: str | Path, write: Callable, mode: str = "w") -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

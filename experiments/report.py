@@ -1,0 +1,138 @@
+"""The run's report: report.md (what was asked, what was found, the evidence) and pareto.png.
+
+pareto.png shows every trial's LUT latency against its validation accuracy, the feasible Pareto front, the target,
+the space's torchvision reference archs and the shipped winners.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from searchers.base import SearchResult, atomic_write
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A named point to draw on the plot (a reference arch or a winner)."""
+
+    label: str
+    latency_ms: float
+    accuracy: float | None  # None: drawn on the latency axis only (not evaluated)
+
+
+def plot_pareto(result: SearchResult, path: str | Path, references: Sequence[Marker] = (),
+                winners: Sequence[Marker] = (), title: str = "") -> None:
+    """Draw every trial, the feasible Pareto front, the target line, references and winners; PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    done = [t for t in result.trials if t.evaluated]
+    skipped = [t for t in result.trials if not t.evaluated and not math.isnan(t.predicted_ms)]
+    feasible = [t for t in done if t.feasible]
+    over = [t for t in done if not t.feasible]
+    ax.scatter([t.predicted_ms for t in feasible], [t.accuracy for t in feasible], s=18, c="tab:blue", alpha=0.6,
+               label=f"feasible trials ({len(feasible)})")
+    if over:
+        ax.scatter([t.predicted_ms for t in over], [t.accuracy for t in over], s=18, c="tab:gray", alpha=0.5,
+                   label=f"over the target ({len(over)})")
+    front = result.pareto
+    if front:
+        ax.step([t.predicted_ms for t in front], [t.accuracy for t in front], where="post", c="tab:blue", lw=1.5,
+                label="feasible Pareto front")
+    y_floor = min((t.accuracy for t in done), default=0.0)
+    if skipped:
+        ax.scatter([t.predicted_ms for t in skipped], [y_floor] * len(skipped), marker="|", s=60, c="tab:gray",
+                   label=f"infeasible, not evaluated ({len(skipped)})")
+    ax.axvline(result.target_ms, c="tab:red", ls="--", lw=1.2, label=f"target {result.target_ms:g} ms")
+    for m in references:
+        ax.scatter([m.latency_ms], [m.accuracy if m.accuracy is not None else y_floor], marker="s", s=60,
+                   facecolors="none", edgecolors="tab:green", lw=1.5)
+        ax.annotate(m.label, (m.latency_ms, m.accuracy if m.accuracy is not None else y_floor), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points", color="tab:green")
+    for m in winners:
+        if m.accuracy is None:
+            continue
+        ax.scatter([m.latency_ms], [m.accuracy], marker="*", s=220, c="tab:orange", edgecolors="black", zorder=5)
+        ax.annotate(m.label, (m.latency_ms, m.accuracy), fontsize=8, xytext=(6, -10), textcoords="offset points")
+    ax.set_xlabel("predicted latency (ms, latency table)")
+    ax.set_ylabel("validation accuracy (supernet, BN recalibrated)")
+    ax.set_title(title or "search trials")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), mode="wb")
+    plt.close(fig)
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
+
+
+def write_report(path: str | Path, *, command: str, target_ms: float, device: str, fingerprint: dict[str, Any],
+                 result: SearchResult, winners: Sequence[dict[str, Any]], rejected: Sequence[dict[str, Any]],
+                 steps: dict[str, float], notes: Sequence[str] = (), references: Sequence[dict[str, Any]] = ()
+                 ) -> None:
+    """report.md: the budget, the device, the winners with their measured latency and accuracy, step times."""
+    done = [t for t in result.trials if t.state == "COMPLETE"]
+    lines = [
+        "# shufflenas run report",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"- Target: **{target_ms:g} ms** per batch on `{device}` "
+        f"({fingerprint.get('device_name', '?')}, {fingerprint.get('runtime', '?')}, "
+        f"batch {fingerprint.get('batch_size', '?')}, {fingerprint.get('threads', '?')} thread(s), "
+        f"{fingerprint.get('dtype', '?')})",
+        f"- Trials: {len(done)} completed, {sum(not t.feasible for t in done)} predicted over the target (not "
+        f"evaluated), {len(result.pareto)} on the feasible Pareto front",
+        "",
+        "## Winners",
+        "",
+        "Latency is measured on the device after export with the latency table's settings (median, p90); accuracy "
+        "is the retrained network's. Validation accuracy comes from images held out of the training split; test "
+        "accuracy from the official test split, used only here.",
+        "",
+        "| rank | arch | params | MFLOPs | predicted ms | measured ms (p50 / p90) | val acc | test acc | folder |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for w in winners:
+        lines.append(
+            f"| {w['rank']} | `{w['arch']}` | {w['params']:,} | {w['mflops']:.1f} | {_ms(w['predicted_ms'])} | "
+            f"{_ms(w['measured_ms'])} / {_ms(w.get('measured_p90_ms'))} | {_pct(w.get('val_accuracy'))} | "
+            f"{_pct(w.get('test_accuracy'))} | `{w['folder']}` |"
+        )
+    if not winners:
+        lines.append("| - | no arch was shipped | | | | | | | |")
+    if rejected:
+        lines += ["", "## The latency promise", "",
+                  "Candidates whose measured latency was over the target were not shipped:", "",
+                  "| arch | predicted ms | measured ms | search accuracy |", "|---|---|---|---|"]
+        for r in rejected:
+            lines.append(f"| `{r['arch']}` | {_ms(r['predicted_ms'])} | {_ms(r['measured_ms'])} | "
+                         f"{_pct(r.get('accuracy'))} |")
+    else:
+        lines += ["", "## The latency promise", "", "Every shipped winner measured within the target."]
+    if references:
+        lines += ["", "## Reference archs of the space", "",
+                  "| name | arch | predicted ms | measured ms | search accuracy |", "|---|---|---|---|---|"]
+        for r in references:
+            lines.append(f"| {r['name']} | `{r['arch']}` | {_ms(r['predicted_ms'])} | {_ms(r.get('measured_ms'))} | "
+                         f"{_pct(r.get('accuracy'))} |")
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    lines += ["", "## Time per step", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in steps.items()]
+    lines += ["", "Files: `trials.csv` (every trial), `pareto.png`, `winners/<rank>-<arch>/` (arch.yaml, model.pt, "
+              "model.pt2, model.onnx, model_card.json)."]
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"))
