@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "URL (postgresql://..., mysql://...); default: a journal file in the run directory")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' or host:port); with --searcher ray")
-    p.add_argument("--lut", default=None, help="latency table file (default: luts/<space>-<device>-....json)")
+    p.add_argument("--lut", default=None,
+                   help="latency table file, profiled into when missing (default: luts/<space>-<device>-....json)")
     p.add_argument("--allow-lut-mismatch", action="store_true",
                    help="use a latency table measured on another device or with other settings (not recommended)")
     p.add_argument("--seed", type=int, default=None, help="seed of everything (default: the config's)")
@@ -177,8 +178,6 @@ def latency_table(run: Run, space, num_classes: int):
 
     settings = latency_settings(run, num_classes)
     path = Path(run.args.lut) if run.args.lut else ROOT / default_out(space, run.device, settings)
-    if run.args.lut and not path.exists():
-        raise UsageError(f"--lut {path}: no such file")
     if path.exists():
         # A table measured elsewhere is refused here (unless --allow-lut-mismatch), before it is extended.
         table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=run.args.allow_lut_mismatch)
@@ -320,8 +319,7 @@ def run_job(args: argparse.Namespace) -> Path:
     table, _ = run.step("lut", 1, total, lambda: latency_table(run, space, splits.num_classes))
     settings = latency_settings(run, splits.num_classes)
     notice = run.step("check", 2, total, lambda: check_target(table, space, target))
-    if notice:
-        print(notice, file=sys.stderr)
+    if notice:  # the searcher prints it when it starts; the report keeps it
         run.notes.append(notice.removeprefix("notice: "))
     supernet = run.step("supernet", 3, total, lambda: train_or_load_supernet(run, space, splits))
     evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed, device=run.device)

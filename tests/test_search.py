@@ -1,0 +1,190 @@
+"""search.py end to end on the tiny synthetic experiment: artifacts, resume after an interruption at each step,
+and every kind of bad input (one line on stderr, exit code 2, nothing lost)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+
+import search
+from latency_lut import LatencyTable, Settings, profile, validate
+from search_space import Arch, SearchSpace
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = ROOT / "experiments" / "synthetic.yaml"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    """The synthetic experiment, cut to the bone so a whole run takes seconds."""
+    folder = tmp_path_factory.mktemp("config")
+    raw = yaml.safe_load(SYNTHETIC.read_text())
+    raw["space"] = str(ROOT / "experiments" / "spaces" / "tiny.yaml")
+    raw["data"]["synthetic_size"] = 256
+    raw["supernet"].update(epochs=1)
+    raw["retrain"].update(epochs=1)
+    raw["evaluate"].update(bn_calibration_images=32)
+    raw["search"].update(trials=3, top_k=1)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lut(tmp_path_factory) -> Path:
+    """A calibrated CPU table of the tiny space, shared by the runs of this module."""
+    path = tmp_path_factory.mktemp("lut") / "tiny.json"
+    space = SearchSpace.from_yaml(ROOT / "experiments" / "spaces" / "tiny.yaml")
+    profile(space, path, "cpu", Settings(num_classes=10), progress=False)
+    validate(path, space, n=6, calibrate_frac=0.5, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def target(lut) -> float:
+    """Binding: the slowest archs are over it; loose enough that measurement noise does not reject every arch."""
+    table = LatencyTable.load(lut)
+    space = SearchSpace.from_yaml(ROOT / "experiments" / "spaces" / "tiny.yaml")
+    low, high = table.min_latency(space), table.max_latency(space)
+    return round(low + 0.8 * (high - low), 3)
+
+
+def run(args: list[str], capsys) -> tuple[int, str]:
+    code = search.main(args)
+    return code, capsys.readouterr().err
+
+
+def base_args(config: Path, lut: Path, target: float, run_dir: Path) -> list[str]:
+    return ["--config", str(config), "--target-ms", str(target), "--device", "cpu", "--lut", str(lut),
+            "--run-dir", str(run_dir), "--threads", "1"]
+
+
+def test_whole_run_produces_every_artifact(config, lut, target, tmp_path, capsys):
+    code, err = run(base_args(config, lut, target, tmp_path / "run"), capsys)
+    assert code == 0, err
+    out = tmp_path / "run"
+    for name in ("report.md", "pareto.png", "trials.csv", "run.json", "steps.json"):
+        assert (out / name).stat().st_size > 0, name
+    (winner,) = (out / "winners").iterdir()
+    card = json.loads((winner / "model_card.json").read_text())
+    arch = Arch.decode(card["arch"])
+    assert card["measured_ms"] <= target and card["predicted_ms"] <= target
+    assert 0.0 <= card["test_accuracy"] <= 1.0 and card["fingerprint"]["device_kind"] == "cpu"
+    assert card["onnx_max_abs_diff"] <= 1e-4
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    model = torch.export.load(winner / "model.pt2").module()
+    session = ort.InferenceSession(str(winner / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"images": x})[0], model(torch.from_numpy(x)).detach().numpy(),
+                               atol=1e-4)
+    report = (out / "report.md").read_text()
+    assert arch.encode() in report and f"{target:g} ms" in report
+    assert len((out / "trials.csv").read_text().splitlines()) == 1 + 3
+
+
+@pytest.mark.parametrize("step", ["lut", "supernet", "search", "ship"])
+def test_interrupted_at_each_step_resumes(config, lut, target, tmp_path, capsys, monkeypatch, step):
+    """Kill (KeyboardInterrupt) inside a step, rerun the same command: it finishes, and nothing done is redone."""
+    table = tmp_path / "lut.json"
+    if step == "lut":
+        table_data = json.loads(lut.read_text())
+        table_data["entries"] = table_data["entries"][: len(table_data["entries"]) // 2]
+        table_data["correction"] = None
+        table.write_text(json.dumps(table_data))
+    else:
+        shutil.copy(lut, table)
+    targets = {"lut": (search, "latency_table"), "supernet": (search, "train_or_load_supernet"),
+               "search": (search, "make_searcher"), "ship": (search, "ship")}
+    module, name = targets[step]
+    real = getattr(module, name)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, name, interrupted)
+    args = base_args(config, table, target, tmp_path / "run")
+    code, err = run(args, capsys)
+    assert code == 130 and "rerun the same command" in err
+    monkeypatch.setattr(module, name, real)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.pt")}
+    code, err = run(args, capsys)
+    assert code == 0, err
+    for p, mtime in before.items():  # checkpoints finished before the interruption were not rewritten
+        assert p.stat().st_mtime_ns == mtime, p
+    assert (tmp_path / "run" / "report.md").exists()
+    steps = json.loads((tmp_path / "run" / "steps.json").read_text())
+    assert {"lut", "supernet", "search", "ship"} <= set(steps)
+
+
+def test_rerun_after_success_redoes_nothing(config, lut, target, tmp_path, capsys):
+    args = base_args(config, lut, target, tmp_path / "run")
+    assert run(args, capsys)[0] == 0
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.suffix in (".pt", ".onnx", ".pt2")}
+    assert run(args, capsys)[0] == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def _one_line_error(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(config, lut, tmp_path, capsys):
+    args = base_args(config, lut, 5.0, tmp_path / "run")
+    args[args.index("--device") + 1] = "cuda"
+    _one_line_error(*run(args, capsys), "CUDA")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["-3", "0", "nan"])
+def test_bad_target(config, lut, tmp_path, capsys, value):
+    _one_line_error(*run(base_args(config, lut, value, tmp_path / "run"), capsys), "--target-ms")
+
+
+def test_unmeetable_target_names_the_fastest(config, lut, tmp_path, capsys):
+    code, err = run(base_args(config, lut, 0.001, tmp_path / "run"), capsys)
+    _one_line_error(code, err, "cannot be met: the fastest arch")
+    assert not (tmp_path / "run" / "supernet").exists()  # failed before any training
+
+
+def test_unknown_config_key(config, lut, tmp_path, capsys):
+    raw = yaml.safe_load(config.read_text())
+    raw["supernet"]["epochz"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    _one_line_error(*run(base_args(bad, lut, 5.0, tmp_path / "run"), capsys), "supernet.epochz")
+
+
+def test_missing_data(config, lut, tmp_path, capsys):
+    raw = yaml.safe_load(config.read_text())
+    raw["data"] = {"name": "fashion_mnist", "root": str(tmp_path / "nowhere")}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    _one_line_error(*run(base_args(bad, lut, 5.0, tmp_path / "run"), capsys), str(tmp_path / "nowhere"))
+
+
+def test_lut_from_another_device(config, lut, tmp_path, capsys):
+    data = json.loads(lut.read_text())
+    data["fingerprint"]["device_name"] = "Some Other CPU"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    _one_line_error(*run(base_args(config, other, 5.0, tmp_path / "run"), capsys), "Some Other CPU")
+    assert json.loads(other.read_text()) == data  # the table was not touched
+
+
+def test_run_dir_of_another_experiment(config, lut, target, tmp_path, capsys):
+    args = base_args(config, lut, target, tmp_path / "run")
+    assert run(args, capsys)[0] == 0
+    other = base_args(config, lut, target, tmp_path / "run")
+    other += ["--seed", "7"]
+    _one_line_error(*run(other, capsys), "holds another experiment")
+    assert (tmp_path / "run" / "report.md").exists()  # nothing lost
