@@ -1,0 +1,44 @@
+"""How fast an arch runs on one device: profile its ops, predict whole archs, calibrate and validate.
+
+    python -m latency_lut profile --space SPACE.yaml --device cpu        # measure every op (resumable)
+    python -m latency_lut validate --lut FILE --space SPACE.yaml         # fit the correction, report the error
+
+    table = LatencyTable.load(path, expect=Settings(threads=1))          # refuses a table measured elsewhere
+    table.predict(arch)                                                  # milliseconds
+    table.predict_many(archs)                                            # numpy array, > 100k archs/s
+    table.min_latency(space), table.max_latency(space)                   # exact over the whole space
+
+This package knows search_space and nothing above it (it never imports optuna or ray).
+"""
+
+from latency_lut.errors import CorruptTable, FingerprintMismatch, LutError, MissingEntry
+from latency_lut.fingerprint import Fingerprint, Settings, resolve_device
+from latency_lut.ops import OpSignature, arch_ops, enumerate_ops, probe_archs
+from latency_lut.profiler import default_out, profile
+from latency_lut.table import Contribution, Correction, Entry, LatencyTable
+from latency_lut.timing import Budget, Measurement, measure_model
+from latency_lut.validation import validate
+
+__all__ = [
+    "Budget",
+    "Contribution",
+    "CorruptTable",
+    "Correction",
+    "Entry",
+    "Fingerprint",
+    "FingerprintMismatch",
+    "LatencyTable",
+    "LutError",
+    "Measurement",
+    "MissingEntry",
+    "OpSignature",
+    "Settings",
+    "arch_ops",
+    "default_out",
+    "enumerate_ops",
+    "measure_model",
+    "probe_archs",
+    "profile",
+    "resolve_device",
+    "validate",
+]

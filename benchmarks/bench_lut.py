@@ -1,0 +1,244 @@
+"""Latency tables on this CPU: profile time and size, held-out accuracy, and prediction throughput.
+
+    .venv/bin/python benchmarks/bench_lut.py [--work-dir DIR] [--n 50] [--skip-imagenet-ort] [--only NAME ...]
+    .venv/bin/python benchmarks/bench_lut.py --work-dir DIR --report-only     # rewrite the results file only
+
+For each case (space x runtime) it runs the two commands a user runs, in a fresh table file under --work-dir
+(default: a new temporary folder):
+
+    python -m latency_lut profile  --space SPACE --runtime R --num-classes C --out DIR/NAME.json --quiet
+    python -m latency_lut validate --lut DIR/NAME.json --space SPACE --n 50 --seed 0 --report-dir DIR --quiet
+
+and then times `LatencyTable.predict_many` on 100,000 sampled imagenet archs against two references measured in
+the same run: `predict` called once per arch, and a plain sum of `arch_ops` entries. CPU, 1 thread, batch 1,
+float32. Heavy steps run one at a time (the machine has two shared cores). Writes benchmarks/results/lut_cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = ROOT / "experiments" / "spaces"
+
+# name, space file, runtime, method (None: the runtime's default), classes
+CASES = [
+    ("imagenet-eager", "imagenet.yaml", "eager", None, 1000),
+    ("fashion_mnist-eager", "fashion_mnist.yaml", "eager", None, 10),
+    ("fashion_mnist-onnxruntime", "fashion_mnist.yaml", "onnxruntime", None, 10),
+    ("imagenet-onnxruntime", "imagenet.yaml", "onnxruntime", None, 1000),
+    ("imagenet-eager-isolated", "imagenet.yaml", "eager", "isolated", 1000),  # the design comparison
+]
+
+
+def run(command: list[str]) -> float:
+    """Run a command from the repository root; return its wall time in seconds (raise on failure)."""
+    print("$", " ".join(command), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    sys.stdout.write(done.stdout)
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return seconds
+
+
+def case(work: Path, name: str, space_file: str, runtime: str, method: str | None, classes: int, n: int) -> dict:
+    lut = work / f"{name}.json"
+    space = str(SPACES / space_file)
+    profile_cmd = [sys.executable, "-m", "latency_lut", "profile", "--space", space, "--runtime", runtime,
+                   "--num-classes", str(classes), "--out", str(lut), "--quiet"]
+    profile_cmd += ["--method", method] if method else []
+    lut.unlink(missing_ok=True)  # a fresh table: profile would otherwise continue an old one
+    load_before = os.getloadavg()[0]
+    validate_cmd = [sys.executable, "-m", "latency_lut", "validate", "--lut", str(lut), "--space", space, "--n",
+                    str(n), "--seed", "0", "--report-dir", str(work), "--quiet"]
+    profile_s = run(profile_cmd)
+    table = json.loads(lut.read_text())
+    validate_s = run(validate_cmd)
+    result = {"name": name, "profile_s": profile_s, "profiling_s": table["info"]["profile_seconds"],
+              "entries": len(table["entries"]), "validate_s": validate_s, "load": (load_before, os.getloadavg()[0]),
+              "commands": [_show(profile_cmd, work), _show(validate_cmd, work)]}
+    (work / f"bench-{name}.json").write_text(json.dumps(result, indent=1))
+    return load_case(work, name)
+
+
+def load_case(work: Path, name: str) -> dict:
+    """A finished case from its files in `work` (what `case` wrote), with the validation report."""
+    result = json.loads((work / f"bench-{name}.json").read_text())
+    result["report"] = json.loads((work / f"validate-{name}.json").read_text())
+    return result
+
+
+def cross_validated(report: dict, splits: int = 200, frac: float = 0.4) -> dict:
+    """Held-out accuracy over many random calibration splits of the same measurements (less luck than one split)."""
+    from latency_lut.validation import fit_correction
+
+    raw = np.array([a["uncorrected_ms"] for a in report["archs"]])
+    measured = np.array([a["measured_ms"] for a in report["archs"]])
+    rng = np.random.default_rng(0)
+    n_cal = int(round(frac * len(raw)))
+    within, mape = [], []
+    for _ in range(splits):
+        order = rng.permutation(len(raw))
+        cal, held = order[:n_cal], order[n_cal:]
+        scale, overhead_us, _ = fit_correction(raw[cal] * 1e3, measured[cal] * 1e3)
+        error = np.abs((scale * raw[held] + overhead_us / 1e3) / measured[held] - 1) * 100
+        within.append(np.mean(error <= 10))
+        mape.append(np.mean(error))
+    return {"mape": float(np.mean(mape)), "within_10": float(np.mean(within)),
+            "within_10_p5": float(np.percentile(within, 5))}
+
+
+def _show(command: list[str], work: Path) -> str:
+    text = "python " + " ".join(command[1:])
+    return text.replace(str(work), "$WORK").replace(str(ROOT) + "/", "")
+
+
+def throughput(lut: Path, count: int) -> dict:
+    """predict_many on `count` sampled imagenet archs, against predict per arch and a plain sum of entries."""
+    from latency_lut import LatencyTable, arch_ops
+    from search_space import SearchSpace
+
+    space = SearchSpace.from_yaml(SPACES / "imagenet.yaml")
+    table = LatencyTable.load(lut)
+    rng = np.random.default_rng(0)
+    archs = [space.sample(rng) for _ in range(count)]
+    table.predict_many(archs[:1000])  # fill the caches, as a search does within its first trials
+    best = {"predict_many": np.inf, "predict": np.inf, "sum of entries": np.inf}
+    entries = table.entries
+    for _ in range(3):  # interleaved; the fastest of three
+        start = time.perf_counter()
+        many = table.predict_many(archs)
+        best["predict_many"] = min(best["predict_many"], time.perf_counter() - start)
+        start = time.perf_counter()
+        single = [table.predict(a) for a in archs[: count // 10]]
+        best["predict"] = min(best["predict"], (time.perf_counter() - start) * 10)
+        start = time.perf_counter()
+        naive = [sum(entries[op].median_us for op in arch_ops(a, space.geometry)) for a in archs[: count // 100]]
+        best["sum of entries"] = min(best["sum of entries"], (time.perf_counter() - start) * 100)
+    np.testing.assert_allclose(many[: len(single)], single, rtol=1e-12)
+    np.testing.assert_allclose(table.predict_many(archs[: len(naive)], corrected=False) * 1e3, naive, rtol=1e-9)
+    return {k: count / v for k, v in best.items()}
+
+
+def markdown(results: list[dict], rates: dict | None, n: int) -> str:
+    import platform
+
+    import torch
+
+    from latency_lut.fingerprint import cpu_name
+
+    lines = [
+        "# Latency tables on this CPU",
+        "",
+        f"{cpu_name()} ({platform.machine()}), 2 shared cores; torch {torch.__version__}; 1 thread, batch 1, float32. "
+        "Produced by `benchmarks/bench_lut.py`. Method: eager tables time each op inside probe networks "
+        "(`insitu`), ONNX Runtime tables time each op as its own session (`isolated`); every figure is the "
+        "median of the fastest of several interleaved rounds. Held-out archs were not used for the correction. "
+        "`imagenet-eager-isolated` times each eager op alone instead (the alternative design), for comparison. Load "
+        "average: other engineers' jobs on the same two cores, at the start and end of each case.",
+        "",
+        "| table | entries | profile (s, wall) | validate (s, wall) | held-out MAPE | within ±5% | within ±10% | "
+        "max err | Kendall τ | uncorrected MAPE / within ±10% | noise: round spread / repeatability (median) | "
+        "load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        h, u, noise = r["report"]["held_out"], r["report"]["held_out_uncorrected"], r["report"]["noise"]
+        lines.append(
+            f"| {r['name']} | {r['entries']} | {r['profile_s']:.0f} | {r['validate_s']:.0f} | {h['mape']:.2f}% | "
+            f"{h['within_5'] * 100:.0f}% | {h['within_10'] * 100:.0f}% | {h['max_error']:.1f}% | "
+            f"{h['kendall_tau']:.3f} | {u['mape']:.2f}% / {u['within_10'] * 100:.0f}% | "
+            f"{noise['round_spread_median'] * 100:.1f}% / {noise['repeatability_median'] * 100:.1f}% | "
+            f"{r['load'][0]:.1f} → {r['load'][1]:.1f} |")
+    lines += ["", f"Validation: {n} sampled archs (seed 0), 40% calibrate the correction (scale, overhead), the other "
+              f"60% are held out. The same measurements, re-split at random 200 times (one split is luck too):", "",
+              "| table | correction fitted (seed 0 split) | mean held-out MAPE | mean within ±10% | "
+              "5th-percentile split within ±10% |", "|---|---|---|---|---|"]
+    for r in results:
+        c, cv = r["report"]["correction"], cross_validated(r["report"])
+        lines.append(f"| {r['name']} | scale {c['scale']:.4f}, overhead {c['overhead_us']:.1f} us | "
+                     f"{cv['mape']:.2f}% | {cv['within_10'] * 100:.1f}% | {cv['within_10_p5'] * 100:.0f}% |")
+    if rates:
+        lines += ["", "Prediction throughput (100,000 sampled imagenet archs, fastest of 3, one core):", "",
+                  "| path | archs/s | ratio to predict_many |", "|---|---|---|"]
+        for k, v in rates.items():
+            lines.append(f"| {k} | {v:,.0f} | {v / rates['predict_many']:.2f} |")
+    lines += ["", "Reading the table:", "",
+              "- *uncorrected*: the plain sum of the op entries (and the per-call overhead entry); *held-out*: after "
+              "the correction `scale * sum + overhead` fitted on the calibration archs.",
+              "- *round spread*: how much slower the typical round was than the fastest, i.e. the machine's noise "
+              "during the validation; *repeatability*: how far the estimate from the even rounds lies from the "
+              "estimate from the odd rounds, i.e. the error floor of one measured latency here.",
+              "- Eager tables time each op inside probe networks (`insitu`), so their plain sums are close to the "
+              "measured networks before any correction. Ops timed alone (the `isolated` row, and ONNX Runtime, "
+              "whose sessions cannot be timed op by op) find their weights hot in cache and run faster than "
+              "inside a network: by 6-40% for a unit, up to 2x for the first unit after the stem. Over the ~20 "
+              "ops of a network the gaps average out, so the fitted correction repairs those sums as well; "
+              "`insitu` stays the eager default because it needs no correction to be right, its per-op figures "
+              "are what an op costs inside a network, and it profiles in about half the time.",
+              "- Every measurement pins glibc's mmap/trim thresholds (`latency_lut.timing.pin_allocator`); without "
+              "it, page faults on large activations depend on the process's history (one unit measured 0.76 ms "
+              "in one process and 1.45 ms in another).",
+              "- ONNX Runtime ops are exported with the TorchScript-based exporter (about 30 ms per op; the dynamo "
+              "exporter takes about 1 s per op, which would make the imagenet table a half-hour job)."]
+    lines += ["", "Commands:", "", "```"]
+    for r in results:
+        lines += r["commands"]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work-dir", type=Path, help="where tables and reports go (default: a new temp folder)")
+    parser.add_argument("--n", type=int, default=50, help="archs per validation (default 50)")
+    parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
+    parser.add_argument("--skip-imagenet-ort", action="store_true", help="skip the imagenet onnxruntime case")
+    parser.add_argument("--archs", type=int, default=100_000, help="archs for the throughput figure")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lut_cpu.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: rewrite --out from the finished cases in --work-dir")
+    args = parser.parse_args()
+    if args.report_only and args.work_dir is None:
+        parser.error("--report-only needs --work-dir")
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_lut-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"tables and reports in {work}", flush=True)
+    results = []
+    for name, space_file, runtime, method, classes in CASES:
+        if args.only and name not in args.only:
+            continue
+        if args.skip_imagenet_ort and name == "imagenet-onnxruntime":
+            continue
+        if args.report_only:
+            if (work / f"bench-{name}.json").exists():
+                results.append(load_case(work, name))
+            continue
+        results.append(case(work, name, space_file, runtime, method, classes, args.n))
+        print(markdown(results, None, args.n), flush=True)
+    rates = None
+    saved_rates = work / "bench-throughput.json"
+    if args.report_only and saved_rates.exists():
+        rates = json.loads(saved_rates.read_text())
+    elif (work / "imagenet-eager.json").exists():
+        rates = throughput(work / "imagenet-eager.json", args.archs)
+        saved_rates.write_text(json.dumps(rates, indent=1))
+        print(rates)
+    text = markdown(results, rates, args.n)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Validation: measure sampled archs end to end, fit the table's correction, report the held-out error.
+
+The archs are timed with the table's own settings and statistic, in interleaved rounds (each round visits every
+arch once, in a new order), so a burst of machine noise spreads over many archs instead of masquerading as a
+prediction error for one. The noise itself is reported two ways: the round-to-round spread, and the
+*repeatability*, how far the estimate from the even rounds lies from the estimate from the odd rounds (the error
+floor no table can beat on this machine).
+
+The correction ``scale * sum + overhead`` is fitted on a calibration share of the archs by least squares on
+relative residuals (soft-L1 loss, robust to a stray measurement) and saved into the table; metrics are reported on
+the other, held-out archs, both before and after the correction.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from latency_lut.errors import LutError
+from latency_lut.fingerprint import Settings, resolve_device
+from latency_lut.table import Correction, LatencyTable, write_json_atomic
+from latency_lut.timing import Budget, Measurement, make_runner, measure_interleaved, pin_allocator, thread_count
+from search_space import Arch, SearchSpace
+
+DEFAULT_BUDGET = Budget(rounds=6, block_s=0.05, min_calls=2, max_calls=30, warmup=2)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Prediction error over a set of archs.
+
+    Attributes:
+        n: archs.
+        mape: mean absolute percentage error, percent.
+        within_5: share of archs predicted within +-5% of the measurement.
+        within_10: share within +-10%.
+        max_error: largest absolute percentage error.
+        bias: mean signed percentage error (positive: the table predicts too slow).
+        kendall_tau: rank agreement between predicted and measured.
+    """
+
+    n: int
+    mape: float
+    within_5: float
+    within_10: float
+    max_error: float
+    bias: float
+    kendall_tau: float
+
+
+def metrics(predicted: np.ndarray, measured: np.ndarray) -> Metrics:
+    from scipy import stats
+
+    error = (predicted - measured) / measured * 100
+    tau = stats.kendalltau(predicted, measured).statistic if len(measured) > 1 else float("nan")
+    return Metrics(
+        n=int(len(measured)),
+        mape=float(np.mean(np.abs(error))),
+        within_5=float(np.mean(np.abs(error) <= 5)),
+        within_10=float(np.mean(np.abs(error) <= 10)),
+        max_error=float(np.max(np.abs(error))),
+        bias=float(np.mean(error)),
+        kendall_tau=float(tau),
+    )
+
+
+def fit_correction(raw_us: np.ndarray, measured_us: np.ndarray) -> tuple[float, float, str]:
+    """Scale and overhead (us) minimising relative residuals of ``scale * raw + overhead`` against `measured`.
+
+    Two or more archs: least squares with a soft-L1 loss (scale kept positive); one arch: scale only.
+
+    Returns:
+        (scale, overhead_us, loss name).
+    """
+    from scipy import optimize
+
+    raw_us, measured_us = np.asarray(raw_us, float), np.asarray(measured_us, float)
+    if len(raw_us) == 1:
+        return float(measured_us[0] / raw_us[0]), 0.0, "exact"
+    design = np.stack([raw_us / measured_us, 1.0 / measured_us], axis=1)
+    (scale, overhead), *_ = np.linalg.lstsq(design, np.ones_like(raw_us), rcond=None)
+    if not scale > 0:
+        scale, overhead = float(np.sum(measured_us) / np.sum(raw_us)), 0.0
+
+    def residuals(p: np.ndarray) -> np.ndarray:
+        return (p[0] * raw_us + p[1]) / measured_us - 1.0
+
+    result = optimize.least_squares(residuals, [scale, overhead], loss="soft_l1", f_scale=0.02,
+                                    bounds=([1e-6, -np.inf], [np.inf, np.inf]))
+    return float(result.x[0]), float(result.x[1]), "soft_l1"
+
+
+def sample_archs(space: SearchSpace, n: int, rng: np.random.Generator) -> list[Arch]:
+    """`n` distinct archs drawn uniformly (gives up after 100 n draws on a tiny space)."""
+    seen: dict[str, Arch] = {}
+    for _ in range(100 * n):
+        arch = space.sample(rng)
+        seen.setdefault(arch.encode(), arch)
+        if len(seen) == n:
+            break
+    return list(seen.values())
+
+
+def measure_archs(space: SearchSpace, archs: list[Arch], device: str | torch.device, settings: Settings,
+                  budget: Budget = DEFAULT_BUDGET, seed: int = 0, progress: bool = True) -> list[Measurement]:
+    """Time every arch end to end in interleaved rounds (plain networks, random weights)."""
+    dev = resolve_device(device)
+    g = space.geometry
+    shape = (settings.batch_size, g.in_channels, g.input_size, g.input_size)
+    rng = np.random.default_rng(seed)
+    pin_allocator()
+    with thread_count(settings.threads):
+        runners = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for arch in tqdm(archs, desc="build", unit="arch", disable=not progress, file=sys.stderr, leave=False):
+                runners.append(make_runner(space.build(arch, settings.num_classes), shape, dev, settings, seed))
+        bar = tqdm(total=budget.rounds * len(archs), desc="measure", unit="block", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        try:
+            blocks = measure_interleaved(runners, budget, rng, on_block=bar.update)
+        finally:
+            bar.close()
+    return [Measurement.from_blocks(b) for b in blocks]
+
+
+def validate(lut: str | Path, space: SearchSpace, n: int = 50, seed: int = 0, calibrate_frac: float = 0.4,
+             report_dir: str | Path | None = None, device: str | None = None, allow_mismatch: bool = False,
+             budget: Budget = DEFAULT_BUDGET, progress: bool = True, save: bool = True) -> dict[str, Any]:
+    """Measure `n` sampled archs, fit and store the table's correction, report held-out accuracy.
+
+    Args:
+        lut: the table file (its correction is replaced, atomically, when `save`).
+        space: where the archs come from; must have the table's geometry and all its ops in the table.
+        n: archs to measure.
+        seed: sampling, weights, inputs, round order and the calibration split.
+        calibrate_frac: share of the archs the correction is fitted on (0: keep the identity correction).
+        report_dir: where the JSON report and the PNG scatter plot go (default: beside the table).
+        device: where to measure (default: the table's device kind).
+        allow_mismatch: measure even when this machine's fingerprint differs from the table's.
+        budget: rounds and block length of the end-to-end timing.
+        progress: progress bars on stderr.
+        save: store the fitted correction in the table file.
+
+    Returns:
+        the report (also written as JSON).
+
+    Raises:
+        LutError: bad arguments, a table that does not fit the machine or the space, a missing entry.
+    """
+    started = time.perf_counter()
+    lut = Path(lut)
+    if n < 2:
+        raise LutError(f"--n {n}: need at least 2 archs")
+    if not 0.0 <= calibrate_frac < 1.0:
+        raise LutError(f"--calibrate-frac {calibrate_frac}: must be in [0, 1)")
+    table = LatencyTable.load(lut)
+    settings = table.fingerprint.settings
+    device = device or table.fingerprint.device_kind
+    differences = table.check(settings, allow_mismatch=allow_mismatch, device=device, name=str(lut))
+    if space.geometry != table.geometry:
+        raise LutError(f"space {space.name!r} has geometry {space.geometry.to_dict()}, table {lut} has "
+                       f"{table.geometry.to_dict()}")
+    rng = np.random.default_rng(seed)
+    archs = sample_archs(space, n, rng)
+    raw_us = table.predict_many(archs, corrected=False) * 1e3  # raises MissingEntry before any timing
+
+    measured = measure_archs(space, archs, device, settings, budget, seed, progress)
+    measured_us = np.array([m.median_ms for m in measured]) * 1e3
+    spread = np.array([m.noise for m in measured])
+    halves = np.array([_half_disagreement(m) for m in measured])
+
+    order = rng.permutation(len(archs))
+    n_cal = int(round(calibrate_frac * len(archs)))
+    if calibrate_frac > 0:
+        n_cal = min(max(n_cal, 2), len(archs) - 1)
+    calibrate, held_out = order[:n_cal], order[n_cal:]
+    if n_cal:
+        scale, overhead_us, loss = fit_correction(raw_us[calibrate], measured_us[calibrate])
+    else:
+        scale, overhead_us, loss = 1.0, 0.0, ""
+    correction = Correction(scale=scale, overhead_us=overhead_us, fitted_on=int(n_cal), space=space.name, seed=seed,
+                            fitted_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            loss=loss)
+    corrected_us = correction.apply_us(raw_us)
+
+    report: dict[str, Any] = {
+        "table": str(lut),
+        "space": space.name,
+        "fingerprint": table.fingerprint.to_dict(),
+        "fingerprint_differences": differences,
+        "n": len(archs),
+        "seed": seed,
+        "budget": asdict(budget),
+        "allocator": pin_allocator(),
+        "correction": asdict(correction),
+        "held_out": asdict(metrics(corrected_us[held_out], measured_us[held_out])),
+        "held_out_uncorrected": asdict(metrics(raw_us[held_out], measured_us[held_out])),
+        "calibration": asdict(metrics(corrected_us[calibrate], measured_us[calibrate])) if n_cal > 1 else None,
+        "noise": {
+            "round_spread_median": float(np.median(spread)),
+            "round_spread_p90": float(np.percentile(spread, 90)),
+            "repeatability_median": float(np.median(halves)),
+            "repeatability_p90": float(np.percentile(halves, 90)),
+        },
+        "archs": [
+            {
+                "arch": arch.encode(),
+                "role": "calibrate" if i in set(calibrate.tolist()) else "held_out",
+                "measured_ms": float(measured_us[i] / 1e3),
+                "predicted_ms": float(corrected_us[i] / 1e3),
+                "uncorrected_ms": float(raw_us[i] / 1e3),
+                "p10_ms": measured[i].p10_ms,
+                "p90_ms": measured[i].p90_ms,
+                "round_spread": float(spread[i]),
+                "repeatability": float(halves[i]),
+            }
+            for i, arch in enumerate(archs)
+        ],
+    }
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    out_dir = Path(report_dir) if report_dir is not None else lut.parent
+    stem = f"validate-{lut.stem}"
+    write_json_atomic(out_dir / f"{stem}.json", report)
+    plot(report, out_dir / f"{stem}.png")
+    report["report"] = str(out_dir / f"{stem}.json")
+    report["plot"] = str(out_dir / f"{stem}.png")
+    if save and n_cal:
+        table.correction = correction
+        table.save(lut)
+    return report
+
+
+def _half_disagreement(m: Measurement) -> float:
+    """|estimate from even rounds / estimate from odd rounds - 1| (0 with a single round)."""
+    rounds = np.asarray(m.round_medians_ms)
+    if len(rounds) < 2:
+        return 0.0
+    even, odd = rounds[0::2].min(), rounds[1::2].min()
+    return float(abs(even / odd - 1.0))
+
+
+def plot(report: dict[str, Any], path: str | Path) -> None:
+    """Predicted vs measured (held-out and calibration archs), with y = x and the +-10% band, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["archs"]
+    measured = np.array([r["measured_ms"] for r in rows])
+    predicted = np.array([r["predicted_ms"] for r in rows])
+    held = np.array([r["role"] == "held_out" for r in rows])
+    lo, hi = min(measured.min(), predicted.min()) * 0.9, max(measured.max(), predicted.max()) * 1.1
+    line = np.linspace(lo, hi, 100)
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=120)
+    ax.fill_between(line, line * 0.9, line * 1.1, color="tab:green", alpha=0.15, label="±10%")
+    ax.plot(line, line, color="black", lw=1, label="y = x")
+    ax.scatter(measured[~held], predicted[~held], s=18, color="tab:gray", label="calibration")
+    ax.scatter(measured[held], predicted[held], s=22, color="tab:blue", label="held out")
+    m = report["held_out"]
+    fp = report["fingerprint"]
+    ax.set_title(f"{report['space']} on {fp['device_name']} ({fp['runtime']}, {fp['threads']} thr, "
+                 f"b{fp['batch_size']}, {fp['dtype']})\nheld out: MAPE {m['mape']:.1f}%, "
+                 f"{m['within_10'] * 100:.0f}% within ±10%, Kendall τ {m['kendall_tau']:.2f}", fontsize=9)
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latency_lut import (
+    Correction,
+    CorruptTable,
+    Fingerprint,
+    FingerprintMismatch,
+    LatencyTable,
+    LutError,
+    MissingEntry,
+    Settings,
+    arch_ops,
+)
+from search_space import SearchSpace
+
+
+def test_predict_is_the_corrected_sum_of_entries(fashion_space: SearchSpace, synthetic_table) -> None:
+    table = synthetic_table(fashion_space)
+    table.correction = Correction(scale=1.25, overhead_us=-40.0, fitted_on=10)
+    rng = np.random.default_rng(0)
+    archs = [fashion_space.sample(rng) for _ in range(200)] + [fashion_space.largest(), fashion_space.smallest()]
+    for arch in archs:
+        total_us = sum(table.entries[op].median_us for op in arch_ops(arch, fashion_space.geometry))
+        assert table.predict(arch, corrected=False) == pytest.approx(total_us / 1e3, rel=1e-12)
+        assert table.predict(arch) == pytest.approx((1.25 * total_us - 40.0) / 1e3, rel=1e-12)
+        assert sum(part.ms for part in table.breakdown(arch)) == pytest.approx(table.predict(arch), rel=1e-12)
+    many = table.predict_many(archs)
+    assert many.dtype == np.float64 and many.shape == (len(archs),)
+    np.testing.assert_array_equal(many, [table.predict(a) for a in archs])
+    np.testing.assert_array_equal(table.predict_many(archs, corrected=False), [table.predict(a, False) for a in archs])
+
+
+def test_min_and_max_latency_are_exact(tiny_space: SearchSpace, synthetic_table, all_archs) -> None:
+    table = synthetic_table(tiny_space, seed=3)
+    table.correction = Correction(scale=0.9, overhead_us=120.0, fitted_on=4)
+    predictions = table.predict_many(list(all_archs(tiny_space)))
+    assert len(predictions) == tiny_space.size() == 576
+    assert table.min_latency(tiny_space) == pytest.approx(predictions.min(), rel=1e-12)
+    assert table.max_latency(tiny_space) == pytest.approx(predictions.max(), rel=1e-12)
+
+
+def test_min_and_max_bound_sampled_archs_of_a_large_space(imagenet_space: SearchSpace, synthetic_table) -> None:
+    table = synthetic_table(imagenet_space)
+    rng = np.random.default_rng(0)
+    predictions = table.predict_many(imagenet_space.sample(rng) for _ in range(300))
+    low, high = table.min_latency(imagenet_space), table.max_latency(imagenet_space)
+    assert low < predictions.min() and predictions.max() < high
+    assert low <= table.predict(imagenet_space.smallest()) and table.predict(imagenet_space.largest()) <= high
+
+
+def test_missing_entry_names_the_op(fashion_space: SearchSpace, synthetic_table) -> None:
+    full = synthetic_table(fashion_space)
+    arch = fashion_space.reference("shufflenet_v2_x0_5")
+    gone = arch_ops(arch, fashion_space.geometry)[5]
+    entries = {op: e for op, e in full.entries.items() if op != gone}
+    table = LatencyTable(full.fingerprint, full.geometry, entries)
+    for predict in (table.predict, lambda a: table.predict_many([a]), table.breakdown):
+        with pytest.raises(MissingEntry, match=str(gone).replace("(", r"\(").replace(")", r"\)")) as info:
+            predict(arch)
+        assert info.value.signature == gone and isinstance(info.value, ValueError)
+    with pytest.raises(MissingEntry):
+        table.min_latency(fashion_space)
+    assert table.missing(fashion_space) == [gone]
+    # Archs that avoid the op still predict, also after a failure filled part of the caches.
+    other = fashion_space.smallest()
+    assert gone not in arch_ops(other, fashion_space.geometry)
+    assert table.predict(other) == pytest.approx(full.predict(other))
+
+
+def test_save_load_round_trip_is_atomic(tmp_path: Path, fashion_space: SearchSpace, synthetic_table) -> None:
+    table = synthetic_table(fashion_space)
+    table.correction = Correction(scale=1.1, overhead_us=3.0, fitted_on=20, space="fashion_mnist")
+    path = tmp_path / "luts" / "t.json"
+    table.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["t.json"]  # no temporary file left behind
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1
+    assert set(data["entries"][0]) == {"op", "median_us", "p10_us", "p90_us", "n"}
+    assert isinstance(data["entries"][0]["op"], dict) and data["entries"][0]["op"]["kind"]
+    loaded = LatencyTable.load(path, expect=table.fingerprint)
+    assert dict(loaded.entries) == dict(table.entries)
+    assert loaded.correction == table.correction and loaded.geometry == table.geometry
+    arch = fashion_space.reference("shufflenet_v2_x0_5")
+    assert loaded.predict(arch) == table.predict(arch)
+
+
+def test_fingerprint_mismatch_lists_the_fields(tmp_path: Path, fashion_space: SearchSpace, synthetic_table) -> None:
+    table = synthetic_table(fashion_space, settings=Settings(threads=1, num_classes=10))
+    path = tmp_path / "t.json"
+    table.save(path)
+    with pytest.raises(FingerprintMismatch) as info:
+        LatencyTable.load(path, expect=Settings(threads=2, num_classes=10))
+    message = str(info.value)
+    assert "threads: table 1, now 2" in message and str(path) in message and "\n" not in message
+    assert info.value.differences == ["threads: table 1, now 2"]
+    other = dataclasses.replace(table.fingerprint, device_name="Some Other CPU", torch_version="0.0")
+    with pytest.raises(FingerprintMismatch, match="device_name.*torch_version"):
+        LatencyTable.load(path, expect=other)
+    assert len(LatencyTable.load(path, expect=other, allow_mismatch=True)) == len(table)
+    assert len(LatencyTable.load(path, expect=Settings(threads=1, num_classes=10))) == len(table)
+
+
+def test_corrupt_or_truncated_files_are_refused(tmp_path: Path, fashion_space: SearchSpace, synthetic_table) -> None:
+    path = tmp_path / "t.json"
+    synthetic_table(fashion_space).save(path)
+    text = path.read_text()
+    cases = {
+        "truncated": text[: len(text) // 2],
+        "empty": "",
+        "garbage": "\x00\x01 not json",
+        "list": "[1, 2]",
+        "no entries": json.dumps({k: v for k, v in json.loads(text).items() if k != "entries"}),
+        "bad entry": text.replace('"median_us": ', '"median_us": -', 1),
+        "bad op": text.replace('"kind": "unit"', '"kind": "conv"', 1),
+        "future schema": text.replace('"schema_version": 1', '"schema_version": 99', 1),
+    }
+    for name, broken in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.json"
+        bad.write_text(broken)
+        with pytest.raises(CorruptTable, match=bad.name) as info:
+            LatencyTable.load(bad)
+        assert isinstance(info.value, ValueError), name
+    with pytest.raises(LutError, match="cannot read"):
+        LatencyTable.load(tmp_path / "absent.json")
+
+
+def test_fingerprint_of_this_machine(fashion_space: SearchSpace) -> None:
+    settings = Settings(threads=1, batch_size=4, num_classes=10)
+    fp = Fingerprint.current("cpu", settings, fashion_space.geometry)
+    assert fp.device_kind == "cpu" and fp.device_name and fp.compute_capability == ""
+    assert (fp.input_size, fp.in_channels, fp.stem_kind) == (28, 1, "small")
+    assert fp.settings == settings
+    assert Fingerprint.from_dict(fp.to_dict()) == fp
+    with pytest.raises(ValueError, match="unknown fields"):
+        Fingerprint.from_dict({**fp.to_dict(), "extra": 1})
+
+
+def test_predict_many_throughput_is_search_fast(imagenet_space: SearchSpace, synthetic_table) -> None:
+    # Not a benchmark (benchmarks/bench_lut.py measures it): guards against an accidental slow path only.
+    table = synthetic_table(imagenet_space)
+    rng = np.random.default_rng(0)
+    archs = [imagenet_space.sample(rng) for _ in range(5000)]
+    table.predict_many(archs[:50])
+    start = time.perf_counter()
+    out = table.predict_many(archs)
+    assert len(out) == 5000 and np.all(np.isfinite(out))
+    assert time.perf_counter() - start < 1.0  # > 5,000 archs/s even on a loaded machine
+
+
+def test_correction_validation() -> None:
+    with pytest.raises(ValueError, match="scale"):
+        Correction(scale=0.0)
+    with pytest.raises(ValueError, match="overhead"):
+        Correction(overhead_us=math.nan)
