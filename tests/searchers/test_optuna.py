@@ -78,11 +78,14 @@ def test_two_processes_share_one_storage_without_duplicates(tiny_space, target, 
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from conftest import CostPredictor, StandInEvaluator, TINY
+        from pathlib import Path
+        from conftest import StandInEvaluator, TINY, write_table
+        from latency_lut import LatencyTable
         from search_space import SearchSpace
         from searchers.optuna_searcher import OptunaSearcher
         space = SearchSpace.from_yaml(TINY)
-        OptunaSearcher(space, CostPredictor(space), StandInEvaluator(space), {target!r}, storage={str(journal)!r},
+        table = LatencyTable.load(write_table(space, Path({str(tmp_path)!r}) / f"lut{{sys.argv[1]}}.json"))
+        OptunaSearcher(space, table, StandInEvaluator(space), {target!r}, storage={str(journal)!r},
                        run_dir={str(tmp_path)!r}, seed=int(sys.argv[1]), progress=False).run(16)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script, str(seed)], cwd=ROOT) for seed in (1, 2)]
