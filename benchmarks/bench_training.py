@@ -1,0 +1,219 @@
+"""Training figures for benchmarks/results/training.md: throughput, retrained accuracy and supernet ranking quality.
+
+    python benchmarks/bench_training.py throughput [--threads 1]
+        Training images/s of supernet(x, arch) against the plain network of the same arch (forward, backward and an
+        SGD step), measured interleaved in one process so that both see the same machine load.
+    python benchmarks/bench_training.py accuracy --preset quick [--threads 2]
+        Retrains the reference arch (shufflenet_v2_x0_5) with the preset's recipe; records time and accuracy.
+    python benchmarks/bench_training.py ranking [--threads 1]
+        Kendall tau between the supernet's score (BN recalibrated, validation accuracy) and the validation accuracy
+        of the same archs retrained alone for a short equal budget, over archs spread over the space's FLOPs range.
+        Every finished piece is cached under --work-dir (a JSON file plus resumable run directories), so rerunning
+        the command after a kill continues where it stopped.
+
+Run the long ones in the background, e.g.
+    nohup .venv/bin/python benchmarks/bench_training.py ranking --threads 1 > runs/bench_ranking.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from experiments.config import load_experiment  # noqa: E402
+from experiments.data import load_splits  # noqa: E402
+from experiments.evaluate import Evaluator  # noqa: E402
+from experiments.train import retrain, train_supernet  # noqa: E402
+from search_space import Arch, SearchSpace, Supernet  # noqa: E402
+
+CONFIG = ROOT / "experiments" / "fashion_mnist.yaml"
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """Median training images/s, plain vs supernet, alternating blocks of steps for each arch."""
+    cfg = load_experiment(CONFIG, "quick")
+    space = SearchSpace.from_yaml(cfg.space)
+    rng = np.random.default_rng(0)
+    archs = [("smallest", space.smallest()), ("reference x0.5", space.reference("shufflenet_v2_x0_5")),
+             ("random 1", space.sample(rng)), ("random 2", space.sample(rng)), ("largest", space.largest())]
+    torch.manual_seed(0)
+    supernet = Supernet(space, 10)
+    g = space.geometry
+    x = torch.randn(args.batch_size, g.in_channels, g.input_size, g.input_size)
+    y = torch.randint(0, 10, (args.batch_size,))
+    print(f"threads {torch.get_num_threads()}, batch {args.batch_size}, {args.steps} steps per block, "
+          f"{args.repeats} blocks each, interleaved", flush=True)
+    print("| arch | MFLOPs | plain img/s | supernet img/s | supernet / plain |")
+    print("|---|---:|---:|---:|---:|")
+    for label, arch in archs:
+        plain = space.build(arch, 10)
+        runs = {
+            "plain": (lambda plain=plain: plain(x), torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)),
+            "supernet": (lambda arch=arch: supernet(x, arch),
+                         torch.optim.SGD(supernet.parameters(), lr=0.01, momentum=0.9)),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        for block in range(args.repeats + 1):  # block 0 warms up
+            order = list(runs) if block % 2 == 0 else list(reversed(runs))
+            for name in order:
+                forward, optimizer = runs[name]
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(forward(), y).backward()
+                    optimizer.step()
+                if block:
+                    rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+        p, s = statistics.median(rates["plain"]), statistics.median(rates["supernet"])
+        print(f"| {label} | {space.cost(arch, 10).mflops:.1f} | {p:.0f} | {s:.0f} | {s / p:.2f} |", flush=True)
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    """Retrain the reference arch with a preset; print time and accuracies."""
+    cfg = load_experiment(CONFIG, args.preset)
+    space = SearchSpace.from_yaml(cfg.space)
+    splits = load_splits(cfg.data, cfg.seed)
+    arch = space.reference("shufflenet_v2_x0_5")
+    run_dir = Path(args.work_dir) / f"accuracy_{args.preset}"
+    start = time.perf_counter()
+    result = retrain(space, arch, splits, cfg, run_dir, progress=not args.no_progress)
+    wall = time.perf_counter() - start
+    print(f"preset {args.preset}: {cfg.retrain.epochs} epochs, threads {torch.get_num_threads()}: "
+          f"val {result.val_accuracy:.4f} test {result.test_accuracy:.4f}, training {result.seconds / 60:.1f} min "
+          f"(this call {wall / 60:.1f} min), {result.history[-1].images_per_s:.0f} img/s")
+    for h in result.history:
+        print(f"  epoch {h.epoch}: loss {h.loss:.4f} train acc {h.accuracy:.4f} val {h.val_accuracy:.4f} "
+              f"{h.seconds:.0f} s")
+
+
+def spread_archs(space: SearchSpace, count: int, seed: int, pool: int = 2000) -> list[Arch]:
+    """`count` archs at evenly spaced FLOPs quantiles of `pool` uniform samples: small to large, all typical."""
+    rng = np.random.default_rng(seed)
+    samples = sorted((space.sample(rng) for _ in range(pool)), key=lambda a: space.cost(a, 10).macs)
+    return [samples[int((i + 0.5) / count * pool)] for i in range(count)]
+
+
+def ranking(args: argparse.Namespace) -> None:
+    from scipy.stats import kendalltau, spearmanr
+
+    from experiments.config import fingerprint
+
+    work = Path(args.work_dir) / "ranking"
+    cache_path = work / "ranking.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+
+    def save() -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1) + "\n")
+        tmp.replace(cache_path)
+
+    cfg = load_experiment(CONFIG, args.preset)
+    overrides = {k: v for k, v in {"lr": args.supernet_lr, "epochs": args.supernet_epochs,
+                                   "max_steps_per_epoch": args.supernet_steps}.items() if v is not None}
+    # Augmentation is pinned (not taken from the preset) so that every cached run of this benchmark is comparable.
+    cfg = dataclasses.replace(cfg, supernet=dataclasses.replace(cfg.supernet, **overrides),
+                              evaluate=dataclasses.replace(cfg.evaluate, val_images=None),
+                              data=dataclasses.replace(cfg.data, augment=args.augment == "on"))
+    short = dataclasses.replace(cfg.retrain, epochs=1, max_steps_per_epoch=args.retrain_steps)
+    cfg_short = dataclasses.replace(cfg, retrain=short)
+    space = SearchSpace.from_yaml(cfg.space)
+    splits = load_splits(cfg.data, cfg.seed)
+    setup = {"preset": args.preset, "archs": args.archs, "retrain_steps": args.retrain_steps, "augment": args.augment}
+    if cache.get("setup", setup) != setup:
+        raise SystemExit(f"error: {cache_path} was made with {cache['setup']}, not {setup}; use another --work-dir")
+    cache["setup"] = setup
+
+    # Retraining results do not depend on the supernet; supernet scores are kept per supernet recipe.
+    recipe = dataclasses.asdict(cfg.supernet)
+    label = fingerprint(recipe)
+    entry = cache.setdefault("supernets", {}).setdefault(label, {"recipe": recipe, "scores": {}})
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    supernet = Supernet(space, splits.num_classes)
+    history = train_supernet(supernet, splits, cfg, work / f"supernet-{label}", progress=False)
+    images = sum(h.images_per_s * h.seconds for h in history)
+    entry["training"] = {"steps": round(images / cfg.supernet.batch_size),
+                         "minutes": sum(h.seconds for h in history) / 60, "last_loss": history[-1].loss,
+                         "last_train_accuracy": history[-1].accuracy}
+    save()
+    print(f"supernet {label} ({overrides or 'preset'}): {len(history)} epochs, "
+          f"{entry['training']['minutes']:.1f} min of training, last loss {history[-1].loss:.3f}", flush=True)
+
+    archs = spread_archs(space, args.archs, seed=123)
+    rows = cache.setdefault("archs", {})
+    evaluator = Evaluator(supernet.eval(), splits, cfg.evaluate, seed=cfg.seed)
+    for arch in archs:
+        code = arch.encode()
+        rows.setdefault(code, {"mflops": space.cost(arch, 10).mflops})
+        if code not in entry["scores"]:
+            entry["scores"][code] = {"val": evaluator.evaluate(arch), "seconds": evaluator.last_seconds}
+            save()
+            print(f"supernet {entry['scores'][code]['val']:.4f} ({evaluator.last_seconds:.1f} s) "
+                  f"{rows[code]['mflops']:5.1f} MFLOPs {code}", flush=True)
+    for i, arch in enumerate(archs):
+        row = rows[arch.encode()]
+        if "retrain_val" not in row:
+            result = retrain(space, arch, splits, cfg_short, work / f"retrain_{i:02d}", seed=cfg.seed, progress=False)
+            row.update(retrain_val=result.val_accuracy, retrain_test=result.test_accuracy,
+                       retrain_seconds=result.seconds)
+            save()
+            print(f"retrain {row['retrain_val']:.4f} ({row['retrain_seconds'] / 60:.1f} min) "
+                  f"{row['mflops']:5.1f} MFLOPs {arch.encode()}", flush=True)
+
+    table = [rows[a.encode()] for a in archs]
+    sn = [entry["scores"][a.encode()]["val"] for a in archs]
+    rt = [r["retrain_val"] for r in table]
+    fl = [r["mflops"] for r in table]
+    entry["result"] = {
+        "kendall_tau": float(kendalltau(sn, rt).statistic),
+        "spearman": float(spearmanr(sn, rt).statistic),
+        "kendall_tau_flops_vs_retrain": float(kendalltau(fl, rt).statistic),
+        "kendall_tau_flops_vs_supernet": float(kendalltau(fl, sn).statistic),
+    }
+    save()
+    print(f"(this call {(time.perf_counter() - start) / 60:.1f} min)")
+    print("| # | MFLOPs | supernet val | retrained val | retrained test | retrain min | arch |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for i, (arch, r, score) in enumerate(zip(archs, table, sn, strict=True)):
+        print(f"| {i} | {r['mflops']:.1f} | {score:.4f} | {r['retrain_val']:.4f} | "
+              f"{r['retrain_test']:.4f} | {r['retrain_seconds'] / 60:.1f} | `{arch.encode()}` |")
+    for key, value in entry["result"].items():
+        print(f"{key}: {value:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["throughput", "accuracy", "ranking"])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--preset", default="quick", help="fashion_mnist preset for accuracy and ranking")
+    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_training"), help="run directories, cache")
+    parser.add_argument("--batch-size", type=int, default=128, help="throughput: images per step")
+    parser.add_argument("--steps", type=int, default=5, help="throughput: steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5, help="throughput: timed blocks per variant")
+    parser.add_argument("--archs", type=int, default=10, help="ranking: number of archs")
+    parser.add_argument("--retrain-steps", type=int, default=400, help="ranking: steps of the short retraining")
+    parser.add_argument("--augment", choices=["on", "off"], default="on", help="ranking: training augmentation")
+    parser.add_argument("--supernet-lr", type=float, default=None, help="ranking: override the preset's supernet lr")
+    parser.add_argument("--supernet-epochs", type=int, default=None, help="ranking: override supernet epochs")
+    parser.add_argument("--supernet-steps", type=int, default=None, help="ranking: override max steps per epoch")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    {"throughput": throughput, "accuracy": accuracy, "ranking": ranking}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

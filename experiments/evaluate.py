@@ -1,0 +1,207 @@
+"""Scoring candidates with the supernet's shared weights: BatchNorm recalibration, then validation accuracy.
+
+The running statistics a supernet's BatchNorm layers collect during training are a blend over every arch it trained,
+so they fit none in particular. Before an arch is scored, its statistics are reset and recomputed on a fixed set of
+training images (a cumulative average, as `momentum=None` gives), which is what makes one-shot accuracies track
+trained-from-scratch accuracies (SPOS, OFA). This is done on `supernet.extract(arch)`, a private copy: the shared
+weights are never touched, so scoring can run on several threads at once.
+
+Command line::
+
+    python -m experiments.evaluate --config experiments/fashion_mnist.yaml --supernet runs/sn/supernet.pt \
+        --arch shufflenet_v2_x0_5 --arch largest
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from experiments.config import ConfigError, EvaluateConfig, load_experiment
+from experiments.data import ImageDataset, Splits, load_splits, make_loader
+from search_space import Arch, Supernet
+from search_space.network import ShuffleNetV2
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+# Keep the validation images in memory when they fit in this many bytes (float32); larger sets are re-read per arch.
+_CACHE_BYTES = 1 << 30
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Batches, arch: Arch | None = None) -> nn.Module:
+    """Reset every BatchNorm's running statistics and recompute them as the plain average over `batches`.
+
+    Args:
+        model: a plain network (recalibrated in place), or a `Supernet` (then `arch` is required and a calibrated
+            copy of `supernet.extract(arch)` is returned; the supernet itself is left untouched).
+        batches: (images, labels) pairs; labels are ignored. The same batches give bit-identical statistics.
+        arch: the subnet to recalibrate when `model` is a supernet.
+
+    Returns:
+        The recalibrated plain network, in eval mode.
+    """
+    if isinstance(model, Supernet):
+        if arch is None:
+            raise ValueError("recalibrate_bn: a supernet needs the arch to recalibrate")
+        model = model.extract(arch)
+    elif arch is not None and getattr(model, "arch", arch) != arch:
+        raise ValueError(f"recalibrate_bn: the model is {model.arch}, not {arch}")
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs the same, whatever the order
+    model.train()
+    seen = 0
+    try:
+        for images, _ in batches:
+            model(images)
+            seen += 1
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    if seen == 0:
+        raise ValueError("recalibrate_bn: no calibration batches")
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Batches) -> float:
+    """Top-1 accuracy in [0, 1] of `model` (put in eval mode) over `batches`."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64)
+    total = 0
+    for images, labels in batches:
+        correct += (model(images).argmax(1) == labels).sum().cpu()
+        total += len(labels)
+    if total == 0:
+        raise ValueError("accuracy: no images")
+    return int(correct) / total
+
+
+def calibration_batches(
+    dataset: ImageDataset, cfg: EvaluateConfig, *, seed: int, device: str | torch.device = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed BatchNorm calibration set: the first `cfg.bn_calibration_images` of a seeded shuffle of `dataset`.
+
+    The images are not augmented, so the statistics match what the network sees at validation time.
+    """
+    loader = make_loader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, augment=False, seed=seed, epoch=0, device=device,
+        limit=cfg.bn_calibration_images,
+    )
+    return list(loader)
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One scored candidate."""
+
+    arch: str  # arch code
+    accuracy: float  # validation accuracy in [0, 1] after recalibration
+    seconds: float  # wall time of the whole evaluation: extraction, recalibration and scoring
+
+
+class Evaluator:
+    """Scores archs with the supernet's weights: `evaluate(arch) -> validation accuracy in [0, 1]`.
+
+    This is the interface searchers call. The calibration images are chosen once (seeded) and kept; the validation
+    images are kept in memory when they fit. Each call extracts the arch, recalibrates its BatchNorm statistics and
+    scores it, so calls are independent of each other and of their order, and safe from several threads.
+
+    Args:
+        supernet: trained shared weights (not modified).
+        splits: the data; calibration uses `splits.train`, scoring `splits.val`.
+        cfg: calibration size, validation limit and batch size.
+        seed: picks the calibration images.
+        device: where calibration and scoring run.
+    """
+
+    def __init__(
+        self, supernet: Supernet, splits: Splits, cfg: EvaluateConfig, *, seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.supernet = supernet
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.calibration = calibration_batches(splits.train, cfg, seed=seed, device=self.device)
+        self._val_loader = make_loader(
+            splits.val, batch_size=cfg.batch_size, shuffle=False, augment=False, seed=seed, device=self.device,
+            limit=cfg.val_images,
+        )
+        count = min(len(splits.val), cfg.val_images or len(splits.val))
+        size = count * splits.in_channels * splits.image_size**2 * 4
+        self._val: Batches = list(self._val_loader) if size <= _CACHE_BYTES else self._val_loader
+        self._lock = threading.Lock()
+        self.records: list[EvalRecord] = []
+
+    def model(self, arch: Arch) -> ShuffleNetV2:
+        """The plain network for `arch` with the shared weights and recalibrated BatchNorm statistics (eval mode)."""
+        return recalibrate_bn(self.supernet, self.calibration, arch)
+
+    def evaluate(self, arch: Arch) -> float:
+        """Validation accuracy in [0, 1] of `arch` with the shared weights, after BatchNorm recalibration."""
+        start = time.perf_counter()
+        acc = accuracy(self.model(arch), self._val)
+        record = EvalRecord(arch=arch.encode(), accuracy=acc, seconds=time.perf_counter() - start)
+        with self._lock:
+            self.records.append(record)
+        return acc
+
+    @property
+    def last_seconds(self) -> float:
+        """Seconds the most recent evaluation took."""
+        if not self.records:
+            raise ValueError("Evaluator: nothing evaluated yet")
+        return self.records[-1].seconds
+
+    @property
+    def mean_seconds(self) -> float:
+        """Mean seconds per evaluated candidate so far."""
+        if not self.records:
+            raise ValueError("Evaluator: nothing evaluated yet")
+        return sum(r.seconds for r in self.records) / len(self.records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from experiments.train import load_supernet, parse_arch  # train imports this module
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument("--preset", default="quick", help="preset in the file (default: quick)")
+    parser.add_argument("--supernet", required=True, help="supernet checkpoint (RUN_DIR/supernet.pt)")
+    parser.add_argument("--arch", action="append", required=True,
+                        help="arch code, reference name, 'largest' or 'smallest' (repeatable)")
+    parser.add_argument("--device", default=None, help="override the config's device")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = load_experiment(args.config, args.preset)
+        device = args.device or cfg.device
+        supernet = load_supernet(args.supernet, device=device)
+        archs = [parse_arch(supernet.space, text) for text in args.arch]
+        splits = load_splits(cfg.data, cfg.seed)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed, device=device)
+    for arch in archs:
+        acc = evaluator.evaluate(arch)
+        cost = supernet.space.cost(arch, supernet.num_classes)
+        print(f"{acc:.4f}  {evaluator.last_seconds:6.1f} s  {cost.mflops:7.1f} MFLOPs  {arch.encode()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

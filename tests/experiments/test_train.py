@@ -1,0 +1,248 @@
+"""Supernet training and retraining on the synthetic experiment: learning, bitwise resume, refused run directories."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import experiments.train as train_module
+from experiments.config import load_experiment
+from experiments.data import load_splits
+from experiments.train import (
+    MODEL_FILE,
+    RETRAIN_CHECKPOINT,
+    SUPERNET_CHECKPOINT,
+    RunDirError,
+    cosine_factor,
+    load_model,
+    load_supernet,
+    parameter_groups,
+    retrain,
+    train_supernet,
+)
+from search_space import SearchSpace, Supernet
+
+SYNTHETIC = Path(__file__).resolve().parents[2] / "experiments" / "synthetic.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Bitwise comparisons need the same kernels in every run; one thread also keeps the tests off a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_experiment(SYNTHETIC, "quick")
+
+
+@pytest.fixture(scope="module")
+def splits(cfg):
+    return load_splits(cfg.data, cfg.seed)
+
+
+@pytest.fixture(scope="module")
+def space(cfg):
+    return SearchSpace.from_yaml(cfg.space)
+
+
+def with_epochs(cfg, epochs: int, **supernet):
+    return dataclasses.replace(
+        cfg,
+        supernet=dataclasses.replace(cfg.supernet, epochs=epochs, **supernet),
+        retrain=dataclasses.replace(cfg.retrain, epochs=epochs),
+    )
+
+
+def fresh_supernet(space, seed: int = 0) -> Supernet:
+    torch.manual_seed(seed)
+    return Supernet(space, 10)
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+@pytest.mark.parametrize("preset", ["quick", "sandwich"])
+def test_supernet_training_lowers_the_loss(space, splits, tmp_path, preset):
+    cfg = load_experiment(SYNTHETIC, preset)
+    supernet = fresh_supernet(space)
+    before = {k: v.clone() for k, v in supernet.state_dict().items()}
+    history = train_supernet(supernet, splits, cfg, tmp_path, progress=False)
+    assert [h.epoch for h in history] == [1, 2, 3]
+    assert history[-1].loss < history[0].loss - 0.3, [h.loss for h in history]
+    assert history[-1].accuracy > history[0].accuracy
+    assert history[-1].lr == pytest.approx(0.0, abs=1e-9)  # the cosine ends at 0
+    assert not torch.equal(before["conv1.0.weight"], supernet.state_dict()["conv1.0.weight"])
+    assert (tmp_path / SUPERNET_CHECKPOINT).exists() and (tmp_path / "supernet.json").exists()
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_the_run_state(space, splits, cfg, tmp_path):
+    train_supernet(fresh_supernet(space), splits, with_epochs(cfg, 1), tmp_path, progress=False)
+    ckpt = torch.load(tmp_path / SUPERNET_CHECKPOINT, weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert {"model", "optimizer", "scheduler", "rng", "arch_rng", "fingerprint", "identity"} <= set(ckpt)
+    assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
+    assert ckpt["arch_rng"]["bit_generator"] == "PCG64"
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed away
+    supernet = load_supernet(tmp_path / SUPERNET_CHECKPOINT)
+    assert_same_state(supernet.state_dict(), ckpt["model"])
+    assert supernet.space == space
+
+
+def test_resume_after_stopping_matches_an_uninterrupted_run_bitwise(space, splits, cfg, tmp_path):
+    two = with_epochs(cfg, 2)
+    straight = fresh_supernet(space)
+    straight_history = train_supernet(straight, splits, two, tmp_path / "a", progress=False)
+
+    first = fresh_supernet(space)
+    train_supernet(first, splits, two, tmp_path / "b", progress=False, stop_after=1)
+    assert torch.load(tmp_path / "b" / SUPERNET_CHECKPOINT, weights_only=True)["epoch"] == 1
+    resumed = fresh_supernet(space, seed=123)  # a new object with other weights: the checkpoint must win
+    resumed_history = train_supernet(resumed, splits, two, tmp_path / "b", progress=False)
+
+    assert_same_state(straight.state_dict(), resumed.state_dict())
+    assert [h.loss for h in resumed_history] == [h.loss for h in straight_history]
+    a = torch.load(tmp_path / "a" / SUPERNET_CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "b" / SUPERNET_CHECKPOINT, weights_only=True)
+    assert a["arch_rng"] == b["arch_rng"]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_crash_mid_epoch_matches_an_uninterrupted_run(space, splits, cfg, tmp_path, monkeypatch):
+    sandwich = with_epochs(cfg, 2, sampling="sandwich")  # several backward passes per step, distillation
+    straight = fresh_supernet(space)
+    train_supernet(straight, splits, sandwich, tmp_path / "a", progress=False)
+
+    real_make_loader = train_module.make_loader
+
+    def dying_make_loader(dataset, **kwargs):
+        loader = real_make_loader(dataset, **kwargs)
+        if kwargs.get("epoch") != 1:
+            return loader
+
+        def batches():
+            for i, batch in enumerate(loader):
+                if i == 5:
+                    raise Killed  # as if the process were killed halfway through the second epoch
+                yield batch
+
+        class Dying:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                return batches()
+
+        return Dying()
+
+    monkeypatch.setattr(train_module, "make_loader", dying_make_loader)
+    with pytest.raises(Killed):
+        train_supernet(fresh_supernet(space), splits, sandwich, tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_module, "make_loader", real_make_loader)
+
+    resumed = fresh_supernet(space)
+    train_supernet(resumed, splits, sandwich, tmp_path / "b", progress=False)
+    assert_same_state(straight.state_dict(), resumed.state_dict())
+
+
+def test_a_finished_run_is_not_trained_again(space, splits, cfg, tmp_path):
+    one = with_epochs(cfg, 1)
+    first = train_supernet(fresh_supernet(space), splits, one, tmp_path, progress=False)
+    again_net = fresh_supernet(space)
+    again = train_supernet(again_net, splits, one, tmp_path, progress=False)
+    assert again == first
+    assert_same_state(again_net.state_dict(), load_supernet(tmp_path / SUPERNET_CHECKPOINT).state_dict())
+
+
+def test_a_run_directory_from_another_configuration_is_refused(space, splits, cfg, tmp_path):
+    train_supernet(fresh_supernet(space), splits, with_epochs(cfg, 1), tmp_path, progress=False)
+    other = dataclasses.replace(with_epochs(cfg, 1), supernet=dataclasses.replace(cfg.supernet, epochs=1, lr=0.05))
+    with pytest.raises(RunDirError, match=r"recipe\.lr: 0\.3 -> 0\.05"):
+        train_supernet(fresh_supernet(space), splits, other, tmp_path, progress=False)
+    with pytest.raises(RunDirError, match="seed"):
+        train_supernet(fresh_supernet(space), splits, with_epochs(cfg, 1), tmp_path, seed=7, progress=False)
+
+
+def test_a_damaged_checkpoint_is_refused_with_its_path(space, splits, cfg, tmp_path):
+    (tmp_path / SUPERNET_CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(RunDirError, match=SUPERNET_CHECKPOINT):
+        train_supernet(fresh_supernet(space), splits, with_epochs(cfg, 1), tmp_path, progress=False)
+
+
+def test_retrain_learns_resumes_and_saves_a_loadable_model(space, splits, cfg, tmp_path):
+    two = with_epochs(cfg, 2)
+    arch = space.largest()
+    straight = retrain(space, arch, splits, two, tmp_path / "a", progress=False)
+    assert straight.history[-1].loss < straight.history[0].loss
+    assert straight.val_accuracy > 0.5 and 0.0 <= straight.test_accuracy <= 1.0  # chance is 0.1
+
+    reported = []
+    assert retrain(space, arch, splits, two, tmp_path / "b", progress=False, stop_after=1,
+                   on_epoch=reported.append) is None
+    assert not (tmp_path / "b" / MODEL_FILE).exists()
+    resumed = retrain(space, arch, splits, two, tmp_path / "b", progress=False, on_epoch=reported.append)
+    assert reported == resumed.history  # each epoch reported once, by the call that trained it
+    assert reported[-1].val_accuracy == resumed.val_accuracy
+    assert (resumed.val_accuracy, resumed.test_accuracy) == (straight.val_accuracy, straight.test_accuracy)
+    a = torch.load(tmp_path / "a" / MODEL_FILE, weights_only=True)
+    b = torch.load(tmp_path / "b" / MODEL_FILE, weights_only=True)
+    assert_same_state(a["state_dict"], b["state_dict"])
+    assert a["arch"] == arch.encode() and a["num_classes"] == 10 and a["geometry"] == space.geometry.to_dict()
+    assert torch.load(tmp_path / "b" / RETRAIN_CHECKPOINT, weights_only=True)["arch"] == arch.encode()
+
+    model = load_model(tmp_path / "a" / MODEL_FILE)
+    images = torch.randn(4, 1, 28, 28)
+    expected = space.build(arch, 10)
+    expected.load_state_dict(a["state_dict"])
+    assert torch.equal(model(images), expected.eval()(images))
+
+
+def test_retrain_can_start_from_the_supernet(space, splits, cfg, tmp_path):
+    supernet = fresh_supernet(space)
+    train_supernet(supernet, splits, cfg, tmp_path / "sn", progress=False)
+    arch = space.sample(__import__("numpy").random.default_rng(0))
+    fine = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, epochs=1, from_supernet=True))
+    with pytest.raises(ValueError, match="from_supernet"):
+        retrain(space, arch, splits, fine, tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="from_supernet"):
+        retrain(space, arch, splits, with_epochs(cfg, 1), tmp_path / "x", init_from=supernet, progress=False)
+    tuned = retrain(space, arch, splits, fine, tmp_path / "ft", init_from=supernet, progress=False)
+    scratch = retrain(space, arch, splits, with_epochs(cfg, 1), tmp_path / "scratch", progress=False)
+    # One epoch from the shared weights beats one epoch from a fresh init on this easy data.
+    assert tuned.val_accuracy >= scratch.val_accuracy
+
+
+def test_weight_decay_skips_batchnorm_and_biases(space):
+    groups = parameter_groups(space.build(space.largest(), 10), 1e-4)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 4 or p.ndim == 2 for p in decay["params"])  # conv and linear weights
+    assert all(p.ndim == 1 for p in no_decay["params"])  # BN weights and biases, the classifier bias
+    net = space.build(space.largest(), 10)
+    count = sum(1 for _ in net.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == count
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    assert cosine_factor(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_factor(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_factor(10, 100, 10) == pytest.approx(1.0)
+    assert cosine_factor(55, 100, 10) == pytest.approx(0.5)
+    assert cosine_factor(100, 100, 10) == pytest.approx(0.0)
+    factors = [cosine_factor(s, 100, 0) for s in range(100)]
+    assert factors == sorted(factors, reverse=True)

@@ -1,0 +1,138 @@
+"""Candidate evaluation: BatchNorm recalibration and the Evaluator that searchers call."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from experiments.config import load_experiment
+from experiments.data import load_splits
+from experiments.evaluate import Evaluator, accuracy, calibration_batches, recalibrate_bn
+from experiments.train import train_supernet
+from search_space import SearchSpace, Supernet
+
+SYNTHETIC = Path(__file__).resolve().parents[2] / "experiments" / "synthetic.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_experiment(SYNTHETIC, "quick")
+
+
+@pytest.fixture(scope="module")
+def splits(cfg):
+    return load_splits(cfg.data, cfg.seed)
+
+
+@pytest.fixture(scope="module")
+def space(cfg):
+    return SearchSpace.from_yaml(cfg.space)
+
+
+@pytest.fixture(scope="module")
+def supernet(space, splits, cfg, tmp_path_factory):
+    torch.manual_seed(0)
+    net = Supernet(space, 10)
+    train_supernet(net, splits, cfg, tmp_path_factory.mktemp("supernet"), progress=False)
+    return net.eval()
+
+
+def bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def test_recalibration_is_the_plain_average_of_batch_statistics():
+    bn = nn.BatchNorm2d(3)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 4, 4, generator=g) * (i + 1) + i, torch.zeros(8)) for i in range(3)]
+    recalibrate_bn(bn, batches)
+    means = torch.stack([x.mean((0, 2, 3)) for x, _ in batches])
+    variances = torch.stack([x.transpose(0, 1).reshape(3, -1).var(1, unbiased=True) for x, _ in batches])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    torch.testing.assert_close(bn.running_var, variances.mean(0))
+    assert bn.momentum == 0.1  # restored
+    assert not bn.training
+
+
+def test_recalibration_changes_the_statistics_and_is_deterministic(supernet, space, splits, cfg):
+    arch = space.sample(np.random.default_rng(1))
+    batches = calibration_batches(splits.train, cfg.evaluate, seed=0)
+    extracted = supernet.extract(arch)
+    before = bn_stats(extracted)
+    shared_before = {k: v.clone() for k, v in supernet.state_dict().items()}
+
+    first = recalibrate_bn(supernet, batches, arch)
+    second = recalibrate_bn(supernet.extract(arch), batches)
+    after = bn_stats(first)
+    assert all(not torch.equal(before[k], after[k]) for k in after if "running_mean" in k)
+    for key, value in bn_stats(second).items():
+        assert torch.equal(value, after[key]), key
+    for key, value in supernet.state_dict().items():
+        assert torch.equal(value, shared_before[key]), f"the supernet's {key} changed"
+    other = recalibrate_bn(supernet, calibration_batches(splits.train, cfg.evaluate, seed=1), arch)
+    assert not torch.equal(bn_stats(other)["conv1.1.running_mean"], after["conv1.1.running_mean"])
+
+
+def test_recalibration_rejects_missing_inputs(supernet, space):
+    with pytest.raises(ValueError, match="needs the arch"):
+        recalibrate_bn(supernet, [])
+    with pytest.raises(ValueError, match="no calibration batches"):
+        recalibrate_bn(supernet.extract(space.smallest()), [])
+
+
+def test_evaluator_scores_in_range_deterministically_and_order_free(supernet, space, splits, cfg):
+    evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed)
+    archs = [space.largest(), space.smallest(), space.sample(np.random.default_rng(3))]
+    scores = [evaluator.evaluate(a) for a in archs]
+    again = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed)
+    assert [again.evaluate(a) for a in reversed(archs)] == list(reversed(scores))
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert max(scores) > 0.2  # the trained supernet beats chance (0.1) on this easy data
+    assert [r.arch for r in evaluator.records] == [a.encode() for a in archs]
+    assert all(r.seconds > 0 for r in evaluator.records)
+    assert evaluator.last_seconds == evaluator.records[-1].seconds
+    assert evaluator.mean_seconds == pytest.approx(sum(r.seconds for r in evaluator.records) / 3)
+
+
+def test_evaluator_score_is_the_calibrated_plain_network_accuracy(supernet, space, splits, cfg):
+    evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed)
+    arch = space.largest()
+    plain = recalibrate_bn(supernet.extract(arch), calibration_batches(splits.train, cfg.evaluate, seed=cfg.seed))
+    from experiments.data import make_loader
+
+    val = make_loader(splits.val, batch_size=64, shuffle=False, augment=False, seed=0)
+    assert evaluator.evaluate(arch) == accuracy(plain, val)
+
+
+def test_evaluator_is_safe_from_several_threads(supernet, space, splits, cfg):
+    evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed)
+    archs = [space.sample(np.random.default_rng(i)) for i in range(4)]
+    expected = [evaluator.evaluate(a) for a in archs]
+    results: dict[int, float] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, evaluator.evaluate(archs[i])))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(4)] == expected
+    assert len(evaluator.records) == 8
+
+
+def test_evaluator_before_any_call_has_no_cost(supernet, splits, cfg):
+    evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed)
+    with pytest.raises(ValueError, match="nothing evaluated"):
+        evaluator.last_seconds  # noqa: B018
