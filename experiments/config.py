@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
 from experiments.data import DataConfig
+from search_space.yamlfile import read_yaml
 
 SAMPLING = ("uniform", "sandwich")
 AMP_MODES = ("bf16", "fp16", "off")
@@ -228,16 +227,7 @@ def load_experiment(path: str | Path, preset: str | None = "quick") -> Experimen
             such preset. The message starts with the file name and names the dotted key.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read experiment file ({e.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    raw = read_yaml(path, ConfigError, "experiment file")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from search_space.arch import Arch, Stage, Unit
 from search_space.cost import Cost, arch_cost
 from search_space.layout import STEM_KINDS, Geometry, split_channels, stage_name
 from search_space.network import ShuffleNetV2
+from search_space.yamlfile import read_yaml
 
 KERNELS = (3, 5, 7)
 
@@ -88,16 +88,7 @@ class SearchSpace:
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         """Load and validate a space file; raises SpaceError with the file and field on any problem."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise SpaceError(f"{path}: cannot read space file ({e.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise SpaceError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        data = read_yaml(path, SpaceError, "space file")
         try:
             return cls.from_dict(data)
         except SpaceError as e:

@@ -43,6 +43,14 @@ def make_sampler(name: str, seed: int, objectives: str = "single") -> optuna.sam
     raise ValueError(f"sampler {name!r} is not one of {list(SAMPLERS)}")
 
 
+def check_choices(sampler: str, objectives: str) -> None:
+    """The sampler and objectives names every Optuna-driven searcher accepts."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not one of {list(SAMPLERS)}")
+    if objectives not in OBJECTIVES:
+        raise ValueError(f"objectives {objectives!r} is not one of {list(OBJECTIVES)}")
+
+
 def make_storage(spec: str | Path | None, run_dir: str | Path) -> optuna.storages.BaseStorage:
     """An Optuna storage from what the user named.
 
@@ -131,10 +139,7 @@ class OptunaSearcher:
     _study: optuna.Study | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
-        if self.objectives not in OBJECTIVES:
-            raise ValueError(f"objectives {self.objectives!r} is not one of {list(OBJECTIVES)}")
+        check_choices(self.sampler, self.objectives)
 
     def study(self) -> optuna.Study:
         """Create or load the study (same name and storage resumes it)."""

@@ -37,8 +37,8 @@ from searchers.base import (  # noqa: E402
     TrialRecord,
     check_target,
 )
-from searchers.objective import OBJECTIVES, constrain  # noqa: E402
-from searchers.optuna_searcher import DEFAULT_STUDY, SAMPLERS, make_sampler, make_storage  # noqa: E402
+from searchers.objective import constrain  # noqa: E402
+from searchers.optuna_searcher import DEFAULT_STUDY, check_choices, make_sampler, make_storage  # noqa: E402
 
 MODES = ("supernet", "asha")
 
@@ -123,10 +123,7 @@ class RaySearcher:
         self.run_dir = Path(self.run_dir).resolve()  # Ray runs trials in their own working directories
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
-        if self.objectives not in OBJECTIVES:
-            raise ValueError(f"objectives {self.objectives!r} is not one of {list(OBJECTIVES)}")
+        check_choices(self.sampler, self.objectives)
         if self.mode == "asha" and self.objectives != "single":
             raise ValueError("ASHA mode is single-objective only: truncated results would mislead the Pareto front")
         if self.mode == "supernet" and self.evaluator_factory is None:
