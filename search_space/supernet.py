@@ -38,6 +38,10 @@ def _apply_bn(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     c = x.shape[1]
     use_batch_stats = bn.training or bn.running_mean is None
     full = c == bn.num_features  # skip the slice (and its backward) when the whole layer is active
+    momentum = bn.momentum
+    if momentum is None and bn.training and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)  # momentum None: a cumulative average, as nn.BatchNorm2d computes it
+        momentum = 1.0 / float(bn.num_batches_tracked)
     return F.batch_norm(
         x,
         None if bn.running_mean is None else bn.running_mean if full else bn.running_mean[:c],
@@ -45,7 +49,7 @@ def _apply_bn(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
         bn.weight if full else bn.weight[:c],
         bn.bias if full else bn.bias[:c],
         use_batch_stats,
-        bn.momentum if bn.momentum is not None else 0.0,
+        0.0 if momentum is None else momentum,
         bn.eps,
     )
 

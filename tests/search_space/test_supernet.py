@@ -118,3 +118,26 @@ def test_training_mode_updates_only_the_active_slice(fashion_space):
 def test_extract_validates(fashion_supernet, imagenet_space):
     with pytest.raises(ValueError, match="not in"):
         fashion_supernet.extract(imagenet_space.reference("shufflenet_v2_x2_0"))
+
+
+def test_cumulative_batchnorm_through_the_supernet_matches_the_plain_network(fashion_space):
+    """momentum=None (what BN recalibration uses) averages batches in the supernet as nn.BatchNorm2d does."""
+    torch.manual_seed(0)
+    net = Supernet(fashion_space, num_classes=10)
+    arch = fashion_space.sample(np.random.default_rng(4))
+    plain = net.extract(arch)
+    batches = [torch.randn(8, 1, 28, 28) for _ in range(3)]
+    for model in (net, plain):
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        model.train()
+    with torch.no_grad():
+        for x in batches:
+            net(x, arch)
+            plain(x)
+    sliced = net.eval().extract(arch).state_dict()
+    for name, value in plain.state_dict().items():
+        if "running" in name:
+            torch.testing.assert_close(sliced[name], value, rtol=1e-4, atol=1e-5)
