@@ -100,7 +100,7 @@ class Run:
         return result
 
     def save_steps(self) -> None:
-        from searchers.base import atomic_write
+        from search_space.files import atomic_write
 
         atomic_write(self.run_dir / "steps.json", lambda f: json.dump(self.steps, f, indent=1))
 
@@ -142,7 +142,7 @@ def configure(args: argparse.Namespace) -> Run:
 def check_run_dir(run: Run) -> None:
     """A run directory belongs to one experiment: refuse to mix, before anything is written to it."""
     from experiments.config import fingerprint
-    from searchers.base import atomic_write
+    from search_space.files import atomic_write
 
     cfg = run.cfg
     identity = {
@@ -251,7 +251,7 @@ def ship(run: Run, space, splits, result, table, settings) -> tuple[list[dict], 
     """Walk the feasible candidates best first; ship the first top_k that measure within the target."""
     from experiments.export import export_all
     from experiments.train import retrain
-    from searchers.base import atomic_write
+    from search_space.files import atomic_write
 
     target = run.cfg.latency.target_ms
     state_path = run.run_dir / "ship.json"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from experiments.data import DataConfig
-from search_space.yamlfile import read_yaml
+from search_space.files import read_yaml
 
 SAMPLING = ("uniform", "sandwich")
 AMP_MODES = ("bf16", "fp16", "off")

@@ -20,16 +20,20 @@ import numpy as np
 import torch
 import yaml
 
-from search_space import Arch, Geometry, SearchSpace, ShuffleNetV2, Supernet
-from searchers.base import atomic_write
+from experiments.train import CHECKPOINT_FORMAT, load_model  # noqa: F401 (load_model: part of this API)
+from search_space import Arch, SearchSpace, ShuffleNetV2, Supernet
+from search_space.files import atomic_write
 
 ONNX_TOLERANCE = 1e-4  # max abs logit difference between ONNX Runtime and eager PyTorch
 MAX_BATCH = 1024  # upper bound of the exported dynamic batch dimension
 
 
 def save_model(model: ShuffleNetV2, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """state_dict + arch + geometry (+ plain extras such as mean/std), loadable with weights_only=True."""
+    """state_dict + arch + geometry (+ plain extras such as mean/std), loadable with weights_only=True by
+    `load_model` (no supernet and no space file needed)."""
     payload = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": "model",  # the same file retraining writes: experiments.train.load_model reads both
         "arch": model.arch.encode(),
         "geometry": model.geometry.to_dict(),
         "num_classes": model.num_classes,
@@ -37,16 +41,6 @@ def save_model(model: ShuffleNetV2, path: str | Path, extra: dict[str, Any] | No
         **(extra or {}),
     }
     atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
-
-
-def load_model(path: str | Path) -> ShuffleNetV2:
-    """Rebuild a plain network from `save_model`'s file; no supernet, no search space file needed."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "arch" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{path}: not a shufflenas model file (expected keys arch, geometry, state_dict)")
-    model = ShuffleNetV2(Arch.decode(payload["arch"]), Geometry(**payload["geometry"]), payload["num_classes"])
-    model.load_state_dict(payload["state_dict"], strict=True)
-    return model.eval()
 
 
 def export_program(model: ShuffleNetV2, path: str | Path) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from searchers.base import SearchResult, atomic_write
+from search_space.files import atomic_write
+from searchers.base import SearchResult
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from experiments.data import DataConfig, ImageDataset, Splits, load_splits, make
 from experiments.distributed import DistContext
 from experiments.evaluate import Evaluator
 from search_space import Arch, Geometry, SearchSpace, SpaceError, Supernet
+from search_space.files import atomic_write
 from search_space.network import ShuffleNetV2
 
 SUPERNET_CHECKPOINT = "supernet.pt"  # resumable supernet state, rewritten after every epoch
@@ -604,28 +603,11 @@ class _RetrainLoop(_Loop):
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=1) + "\n"))
 
 
 def _load(path: Path, kind: str) -> dict[str, Any]:

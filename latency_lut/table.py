@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,6 +33,7 @@ from latency_lut.errors import CorruptTable, FingerprintMismatch, LutError, Miss
 from latency_lut.fingerprint import Fingerprint, Settings
 from latency_lut.ops import OpSignature, SpaceOps, arch_ops, op_names
 from search_space import Arch, SearchSpace, Unit
+from search_space.files import atomic_write
 from search_space.layout import Geometry
 
 SCHEMA_VERSION = 1
@@ -386,13 +385,4 @@ def write_json_atomic(path: str | Path, data: dict[str, Any], compact_key: str |
         text = f"{body},\n \"{compact_key}\": [\n{items}\n ]\n}}\n"
     else:
         text = json.dumps(data, indent=1, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(text))

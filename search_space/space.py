@@ -29,9 +29,9 @@ import numpy as np
 
 from search_space.arch import Arch, Stage, Unit
 from search_space.cost import Cost, arch_cost
+from search_space.files import read_yaml
 from search_space.layout import STEM_KINDS, Geometry, split_channels, stage_name
 from search_space.network import ShuffleNetV2
-from search_space.yamlfile import read_yaml
 
 KERNELS = (3, 5, 7)
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from search_space import Arch, SearchSpace
+from search_space.files import atomic_write
 
 
 @runtime_checkable
@@ -127,27 +126,6 @@ def _write_rows(f, names: Sequence[str], rows: Iterable[dict]) -> None:
     writer = csv.DictWriter(f, fieldnames=names)
     writer.writeheader()
     writer.writerows(rows)
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: str | Path, write: Callable, mode: str = "w") -> None:
-    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, newline="" if "b" not in mode else None) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_target(predictor: LatencyPredictor, space: SearchSpace, target_ms: float) -> str | None:
