@@ -10,7 +10,6 @@ import torch
 
 import experiments.train as train_module
 from experiments.config import load_experiment
-from experiments.data import load_splits
 from experiments.train import (
     MODEL_FILE,
     RETRAIN_CHECKPOINT,
@@ -23,33 +22,14 @@ from experiments.train import (
     retrain,
     train_supernet,
 )
-from search_space import SearchSpace, Supernet
+from search_space import Supernet
 
 SYNTHETIC = Path(__file__).resolve().parents[2] / "experiments" / "synthetic.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Bitwise comparisons need the same kernels in every run; one thread also keeps the tests off a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_experiment(SYNTHETIC, "quick")
-
-
-@pytest.fixture(scope="module")
-def splits(cfg):
-    return load_splits(cfg.data, cfg.seed)
-
-
-@pytest.fixture(scope="module")
-def space(cfg):
-    return SearchSpace.from_yaml(cfg.space)
+def _one_thread(one_thread):
+    """Every test here runs at one thread (see conftest)."""
 
 
 def with_epochs(cfg, epochs: int, **supernet):

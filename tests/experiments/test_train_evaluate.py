@@ -10,36 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.config import load_experiment
-from experiments.data import load_splits
 from experiments.evaluate import Evaluator, accuracy, calibration_batches, recalibrate_bn
 from experiments.train import train_supernet
-from search_space import SearchSpace, Supernet
+from search_space import Supernet
 
 SYNTHETIC = Path(__file__).resolve().parents[2] / "experiments" / "synthetic.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_experiment(SYNTHETIC, "quick")
-
-
-@pytest.fixture(scope="module")
-def splits(cfg):
-    return load_splits(cfg.data, cfg.seed)
-
-
-@pytest.fixture(scope="module")
-def space(cfg):
-    return SearchSpace.from_yaml(cfg.space)
+def _one_thread(one_thread):
+    """Every test here runs at one thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")
