@@ -11,8 +11,6 @@ from latency_lut import Entry, Fingerprint, LatencyTable, Settings, enumerate_op
 from latency_lut.timing import Budget
 from search_space import Arch, SearchSpace, Stage, Unit
 
-SPACES = Path(__file__).resolve().parents[2] / "experiments" / "spaces"
-
 # Small enough to enumerate every arch (2 stems x 12 x 12 x 2 heads = 576); depths 1 and 2 (some archs have no
 # stride-1 unit), two splits that round to different channels, and a 16x16 input so ops run in microseconds.
 TINY_YAML = """\
@@ -28,16 +26,6 @@ head: {widths: [32, 48]}
 
 # The fastest possible timing: one call per op, no warm-up, one round (tests check bookkeeping, not latency).
 TINY_BUDGET = Budget(rounds=1, block_s=0.0, min_calls=1, max_calls=1, warmup=0)
-
-
-@pytest.fixture(scope="session")
-def imagenet_space() -> SearchSpace:
-    return SearchSpace.from_yaml(SPACES / "imagenet.yaml")
-
-
-@pytest.fixture(scope="session")
-def fashion_space() -> SearchSpace:
-    return SearchSpace.from_yaml(SPACES / "fashion_mnist.yaml")
 
 
 @pytest.fixture

@@ -1,3 +1,5 @@
+"""Fixtures every test package uses: the shipped search spaces, loaded once per session."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +8,7 @@ import pytest
 
 from search_space import SearchSpace
 
-SPACES = Path(__file__).resolve().parents[2] / "experiments" / "spaces"
+SPACES = Path(__file__).resolve().parents[1] / "experiments" / "spaces"
 
 
 @pytest.fixture(scope="session")
