@@ -1,8 +1,9 @@
 """Training figures for benchmarks/results/training.md: throughput, retrained accuracy and supernet ranking quality.
 
-    python benchmarks/bench_training.py throughput [--threads 1]
+    python benchmarks/bench_training.py throughput [--threads 1] [--device cuda]
         Training images/s of supernet(x, arch) against the plain network of the same arch (forward, backward and an
-        SGD step), measured interleaved in one process so that both see the same machine load.
+        SGD step), measured interleaved in one process so that both see the same machine load. On CUDA the steps run
+        as experiments/train.py runs them there: the recipe's autocast dtype (bf16) and channels_last.
     python benchmarks/bench_training.py accuracy --preset quick [--threads 2]
         Retrains the reference arch (shufflenet_v2_x0_5) with the preset's recipe; records time and accuracy.
     python benchmarks/bench_training.py ranking [--threads 1]
@@ -18,6 +19,7 @@ Run the long ones in the background, e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -48,17 +50,39 @@ def throughput(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     archs = [("smallest", space.smallest()), ("reference x0.5", space.reference("shufflenet_v2_x0_5")),
              ("random 1", space.sample(rng)), ("random 2", space.sample(rng)), ("largest", space.largest())]
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    # On CUDA as experiments/train.py trains there (the supernet recipe's autocast dtype and memory format); the CPU
+    # runs float32 NCHW, as training does there.
+    recipe = cfg.supernet
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.amp) if cuda else None
+    fmt = torch.channels_last if cuda and recipe.channels_last else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    def sync() -> None:  # CUDA runs asynchronously: the clock is read only once the queued steps have finished
+        if cuda:
+            torch.cuda.synchronize(device)
+
     torch.manual_seed(0)
     supernet = Supernet(space, 10)
     g = space.geometry
     x = torch.randn(args.batch_size, g.in_channels, g.input_size, g.input_size)
     y = torch.randint(0, 10, (args.batch_size,))
+    if cuda:
+        supernet = supernet.to(device=device, memory_format=fmt)
+        x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
+        print(f"device {device} ({torch.cuda.get_device_name(device)}), autocast {recipe.amp}, "
+              f"channels_last {recipe.channels_last}", flush=True)
     print(f"threads {torch.get_num_threads()}, batch {args.batch_size}, {args.steps} steps per block, "
           f"{args.repeats} blocks each, interleaved", flush=True)
     print("| arch | MFLOPs | plain img/s | supernet img/s | supernet / plain |")
     print("|---|---:|---:|---:|---:|")
     for label, arch in archs:
         plain = space.build(arch, 10)
+        if cuda:
+            plain = plain.to(device=device, memory_format=fmt)
         runs = {
             "plain": (lambda plain=plain: plain(x), torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)),
             "supernet": (lambda arch=arch: supernet(x, arch),
@@ -69,11 +93,16 @@ def throughput(args: argparse.Namespace) -> None:
             order = list(runs) if block % 2 == 0 else list(reversed(runs))
             for name in order:
                 forward, optimizer = runs[name]
+                sync()
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(forward(), y).backward()
-                    optimizer.step()
+                    with autocast():
+                        logits = forward()
+                    scaler.scale(F.cross_entropy(logits.float(), y)).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                sync()
                 if block:
                     rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
         p, s = statistics.median(rates["plain"]), statistics.median(rates["supernet"])
@@ -198,6 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["throughput", "accuracy", "ranking"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="throughput: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--preset", default="quick", help="fashion_mnist preset for accuracy and ranking")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_training"), help="run directories, cache")
     parser.add_argument("--batch-size", type=int, default=128, help="throughput: images per step")

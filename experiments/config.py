@@ -144,11 +144,16 @@ class SearchConfig:
     objectives: str = "single"  # "single": accuracy under a latency constraint; other modes are the searchers' own
     top_k: int = 2  # best candidates that get retrained at the end of the search
     workers: int = 1  # candidates evaluated in parallel
+    ray_mode: str = "supernet"  # Ray Tune only: "supernet" (inherited weights) or "asha" (short training from scratch)
+    asha_epochs: int = 2  # ASHA: the most epochs a candidate trains
+    asha_grace: int = 1  # ASHA: epochs every candidate trains before it can be stopped
 
     def __post_init__(self) -> None:
-        for name in ("trials", "top_k", "workers"):
+        for name in ("trials", "top_k", "workers", "asha_epochs", "asha_grace"):
             if getattr(self, name) < 1:
                 raise ValueError(f"search.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.ray_mode not in ("supernet", "asha"):
+            raise ValueError(f"search.ray_mode: {self.ray_mode!r} is not one of ['supernet', 'asha']")
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,7 @@ class LatencyConfig:
     dtype: str = "float32"  # tensor dtype of the timed model
     runtime: str = "eager"  # what executes the model when timing, e.g. eager PyTorch
     margin: float = 0.0  # safety share subtracted from the target (0.1 = aim 10% under it)
+    calibrate_archs: int = 8  # archs near the target measured in the search process to rescale the table (0: off)
 
     def __post_init__(self) -> None:
         if self.target_ms is not None and self.target_ms <= 0:
@@ -171,6 +177,8 @@ class LatencyConfig:
             raise ValueError(f"latency.threads: expected >= 1, got {self.threads}")
         if not 0.0 <= self.margin < 1.0:
             raise ValueError(f"latency.margin: expected 0 <= margin < 1, got {self.margin}")
+        if self.calibrate_archs < 0:
+            raise ValueError(f"latency.calibrate_archs: expected >= 0, got {self.calibrate_archs}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -263,6 +263,17 @@ class LatencyTable:
         write_json_atomic(path, self.to_dict(), compact_key="entries")
 
     # ---- prediction --------------------------------------------------------------------------------------------
+
+    def scaled(self, factor: float) -> LatencyTable:
+        """A copy whose corrected predictions are `factor` times these (e.g. what one process measures near a target).
+
+        The entries and the fingerprint are shared; only the correction changes.
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise LutError(f"scale factor {factor!r} must be a positive number")
+        c = self.correction
+        correction = replace(c, scale=c.scale * factor, overhead_us=c.overhead_us * factor)
+        return LatencyTable(self.fingerprint, self.geometry, self._entries, correction, self.info)
 
     def predict(self, arch: Arch, corrected: bool = True) -> float:
         """Predicted latency of `arch` in milliseconds: the correction applied to the sum of its ops' medians.

@@ -231,17 +231,27 @@ class _ProgressCallback(tune.Callback):
     """Our own one-line progress for Ray (its console output is switched off)."""
 
     def __init__(self, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc="search (ray)", unit="trial", dynamic_ncols=True)
+        self.total = total
         self.best = math.nan
+        self.bar: Any = None  # made on first use: Tuner pickles its callbacks, and a bar holds sys.stderr
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "bar": None}
+
+    def _bar(self) -> Any:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc="search (ray)", unit="trial", dynamic_ncols=True)
+        return self.bar
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         acc = (trial.last_result or {}).get("raw_accuracy", math.nan)
         if not math.isnan(acc) and (math.isnan(self.best) or acc > self.best):
             self.best = acc
-        self.bar.set_postfix(best=f"{self.best:.4f}", refresh=False)
-        self.bar.update(1)
+        self._bar().set_postfix(best=f"{self.best:.4f}", refresh=False)
+        self._bar().update(1)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()

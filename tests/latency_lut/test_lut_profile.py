@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,15 @@ def test_cuda_profile_and_measure(tmp_path: Path, tiny_space: SearchSpace, tiny_
                       budget=Budget(rounds=2, block_s=0.0, min_calls=3, max_calls=3, warmup=2))
     assert len(m.samples_ms) == 6 and m.median_ms > 0
     assert next(net.parameters()).dtype == getattr(torch, dtype)
+
+
+def test_fit_correction_recovers_scale_and_overhead_and_bounds_a_noisy_fit() -> None:
+    from latency_lut.validation import fit_correction
+
+    raw = np.array([100.0, 200.0, 400.0, 800.0])
+    scale, overhead, _ = fit_correction(raw, 1.3 * raw + 40.0)
+    assert scale == pytest.approx(1.3, rel=1e-3) and overhead == pytest.approx(40.0, rel=1e-2)
+    # Three close archs measured on a busy machine: a free fit says 10x the op sum minus 900 us, which predicts a
+    # negative time for anything below 90 us of ops. The overhead stays above minus half the fastest measurement.
+    scale, overhead, _ = fit_correction(np.array([100.0, 110.0, 120.0]), np.array([100.0, 200.0, 300.0]))
+    assert overhead >= -50.0 - 1e-6

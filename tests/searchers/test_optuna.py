@@ -76,16 +76,26 @@ def test_live_trials_of_other_workers_are_left_alone(tiny_space, predictor, targ
 def test_two_processes_share_one_storage_without_duplicates(tiny_space, target, tmp_path):
     journal = tmp_path / "shared.journal"
     script = textwrap.dedent(f"""
-        import sys
+        import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from conftest import StandInEvaluator, TINY, write_table
         from latency_lut import LatencyTable
         from search_space import SearchSpace
         from searchers.optuna_searcher import OptunaSearcher
+
+        class Slow(StandInEvaluator):  # 20 ms per trial: long enough for the two workers to overlap
+            def evaluate(self, arch):
+                time.sleep(0.02)
+                return super().evaluate(arch)
+
         space = SearchSpace.from_yaml(TINY)
-        table = LatencyTable.load(write_table(space, Path({str(tmp_path)!r}) / f"lut{{sys.argv[1]}}.json"))
-        OptunaSearcher(space, table, StandInEvaluator(space), {target!r}, storage={str(journal)!r},
+        folder = Path({str(tmp_path)!r})
+        table = LatencyTable.load(write_table(space, folder / f"lut{{sys.argv[1]}}.json"))
+        (folder / f"ready{{sys.argv[1]}}").touch()  # start together: on a busy machine one import can take seconds
+        while not all((folder / f"ready{{s}}").exists() for s in (1, 2)):
+            time.sleep(0.01)
+        OptunaSearcher(space, table, Slow(space), {target!r}, storage={str(journal)!r},
                        run_dir={str(tmp_path)!r}, seed=int(sys.argv[1]), progress=False).run(16)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script, str(seed)], cwd=ROOT) for seed in (1, 2)]
