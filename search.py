@@ -12,8 +12,8 @@ Steps, each resumable (rerun the same command after a kill: nothing finished is 
                 that profiled the table; the table's predictions are rescaled by the lowest ratio
   5. search     Optuna or Ray Tune, constrained by the table; candidates scored with inherited weights
   6. ship       the best candidates, in order, are measured on the device; over the target: not shipped, the next
-                one is taken; the shipped ones are retrained, exported and measured again. A measurement within 10%
-                of the target is repeated with three times the rounds before it decides anything.
+                one is taken; the shipped ones are retrained, exported and measured again. A measurement over the
+                target (by less than 60%) is taken again, up to three times, and the fastest decides.
   7. report     report.md, pareto.png, trials.csv in the run directory
 """
 
@@ -36,6 +36,7 @@ from typing import Any
 # uses ran training 10x slower here (20 vs 200 images/s). Must be set before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -43,8 +44,9 @@ DEFAULT_CONFIG = ROOT / "experiments" / "fashion_mnist.yaml"
 CALIBRATION_ARCHS = 20  # archs measured end to end to fit a new table's correction (scale + overhead)
 MAX_SEARCH_ROUNDS = 3  # a search rerun with a tighter table target when no candidate measures under the budget
 REPEATS = 5  # rounds of a latency measurement (the estimate is the median of the fastest round)
-NEAR_TARGET = 0.10  # a measurement this close to the target (relative) is repeated with NEAR_REPEATS rounds
-NEAR_REPEATS = 15
+VERDICT_TRIES = 3  # measurements at most before a candidate is called over the target
+RETRY_BAND = 1.6  # ... when the first one is over it by less than this factor
+NEAR_REPEATS = 15  # rounds of each measurement after the first
 RUN_FILE = "run.json"
 
 
@@ -267,16 +269,23 @@ def measure(run: Run, model: torch.nn.Module, settings, repeats: int = REPEATS, 
 
 
 def measure_for_verdict(run: Run, model: torch.nn.Module, settings) -> tuple[Any, int]:
-    """A measurement that decides shipping: repeated with more rounds when it lands near the target.
+    """A measurement that decides shipping: the fastest of up to VERDICT_TRIES, taken while it is over the target.
 
-    At one thread on this kind of shared machine one measurement moves by 10-20% between runs; more rounds make the
-    fastest-round estimate settle where the machine is quiet. Returns the measurement and its rounds.
+    A shared machine only ever adds time, in phases that last seconds (one thread on this kind of machine: the same
+    network measured 3.5 and 6.0 ms a minute apart). A measurement within the target is therefore believed at once;
+    one over it, but by less than RETRY_BAND, is taken again with NEAR_REPEATS rounds, up to VERDICT_TRIES in all,
+    and the fastest decides (the guide's "fastest block over interleaved runs"). Returns it and the rounds spent.
     """
     target = run.cfg.latency.target_ms
-    m = measure(run, model, settings)
-    if abs(m.median_ms / target - 1.0) > NEAR_TARGET:
-        return m, REPEATS
-    return measure(run, model, settings, repeats=NEAR_REPEATS), NEAR_REPEATS
+    best, rounds = measure(run, model, settings), REPEATS
+    for _ in range(VERDICT_TRIES - 1):
+        if not target < best.median_ms < RETRY_BAND * target:
+            break
+        again = measure(run, model, settings, repeats=NEAR_REPEATS)
+        rounds += NEAR_REPEATS
+        if again.median_ms < best.median_ms:
+            best = again
+    return best, rounds
 
 
 def calibrate_in_process(run: Run, space, table, settings, num_classes: int) -> tuple[Any, dict]:
@@ -287,8 +296,6 @@ def calibrate_in_process(run: Run, space, table, settings, num_classes: int) -> 
     by the lowest measured / predicted ratio, capped where the fastest arch would no longer meet the target. Kept in
     RUN_DIR/calibration.json: a resumed run reuses it.
     """
-    import numpy as np
-
     from search_space.files import atomic_write
 
     path = run.run_dir / "calibration.json"
@@ -315,7 +322,7 @@ def calibrate_in_process(run: Run, space, table, settings, num_classes: int) -> 
         ratio = float(min(r["measured_ms"] / r["predicted_ms"] for r in rows))
         data = {"ratio": ratio, "archs": rows}
         # Never so far that no arch is left: the promise, which measures, decides about the fastest ones then.
-        limit = target / table.min_latency(space)
+        limit = target / table.min_latency(space) * (1 - 1e-9)  # rounding must not push the fastest over
         if ratio > limit:
             data.update(ratio=limit, measured_ratio=ratio)
         atomic_write(path, lambda f: json.dump(data, f, indent=1))
@@ -436,11 +443,11 @@ def run_job(args: argparse.Namespace) -> Path:
         fastest = table.min_latency(space)
         if winners or not rejected or table_target <= fastest:
             break
-        worst = max(r["measured_ms"] / r["predicted_ms"] for r in rejected)
+        typical = float(np.median([r["measured_ms"] / r["predicted_ms"] for r in rejected]))
         # Never below the fastest arch: there the search can only offer the fastest archs, measured like the rest.
-        table_target = max(fastest, min(table_target, target / worst) * 0.98)
-        note = (f"search round {round_ + 1}: every candidate measured over {target:g} ms (worst: {worst:.2f}x the "
-                f"prediction); searching again with the table's target at {table_target:.3f} ms")
+        table_target = max(fastest, min(table_target, target / typical) * 0.98)
+        note = (f"search round {round_ + 1}: every candidate measured over {target:g} ms (typically {typical:.2f}x "
+                f"the prediction); searching again with the table's target at {table_target:.3f} ms")
         print(note, file=sys.stderr)
         run.notes.append(note)
 

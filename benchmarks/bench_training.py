@@ -11,6 +11,9 @@
         of the same archs retrained alone for a short equal budget, over archs spread over the space's FLOPs range.
         Every finished piece is cached under --work-dir (a JSON file plus resumable run directories), so rerunning
         the command after a kill continues where it stopped.
+    python benchmarks/bench_training.py sharing --vary widths --lr 0.1 --steps 120
+        Whether weight sharing learns: the supernet's training loss when only some dimensions of the arch are drawn
+        per step (the others stay at the largest arch's), first 20 steps against the last 30.
 
 Run the long ones in the background, e.g.
     nohup .venv/bin/python benchmarks/bench_training.py ranking --threads 1 > runs/bench_ranking.log 2>&1 &
@@ -127,6 +130,55 @@ def accuracy(args: argparse.Namespace) -> None:
               f"{h.seconds:.0f} s")
 
 
+def sharing(args: argparse.Namespace) -> None:
+    """Does weight sharing learn? Training loss of the supernet when only some dimensions vary per step."""
+    cfg = load_experiment(CONFIG, "quick")
+    splits = load_splits(cfg.data, cfg.seed)
+    space = SearchSpace.from_yaml(cfg.space)
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    supernet = Supernet(space, splits.num_classes).train()
+    opt = torch.optim.SGD(supernet.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-5)
+    largest = space.largest().to_dict()
+
+    def pick() -> Arch:
+        sample = space.sample(rng)
+        if args.vary == "nothing":
+            return space.largest()
+        if args.vary == "everything":
+            return sample
+        data = largest if args.vary in ("widths", "splits") else sample.to_dict()
+        data = json.loads(json.dumps(data))
+        for stage, drawn in zip(data["stages"], sample.to_dict()["stages"], strict=True):
+            if args.vary == "widths":
+                stage["width"] = drawn["width"]
+            for j, unit in enumerate(stage["units"]):
+                if args.vary == "splits":
+                    unit["split"] = drawn["units"][j % len(drawn["units"])]["split"]
+                elif args.vary == "all-but-splits":
+                    unit["split"] = 0.5
+        return Arch.from_dict(data)
+
+    channels = splits.in_channels
+    mean = torch.tensor(splits.mean).view(1, channels, 1, 1)
+    std = torch.tensor(splits.std).view(1, channels, 1, 1)
+    losses = []
+    start = time.perf_counter()
+    for step in range(args.steps):
+        index = torch.from_numpy(rng.integers(0, len(splits.train), args.batch_size))
+        images, labels = splits.train.load(index, augment=False, generator=torch.Generator().manual_seed(step))
+        x = (images.float() / 255 - mean) / std
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 20)  # 20 warm-up steps
+        loss = F.cross_entropy(supernet(x, pick()), labels, label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"vary {args.vary}, lr {args.lr}, {args.steps} steps: loss of the first 20 {np.mean(losses[:20]):.3f}, "
+          f"of the last 30 {np.mean(losses[-30:]):.3f} ({time.perf_counter() - start:.0f} s)")
+
+
 def spread_archs(space: SearchSpace, count: int, seed: int, pool: int = 2000) -> list[Arch]:
     """`count` archs at evenly spaced FLOPs quantiles of `pool` uniform samples: small to large, all typical."""
     rng = np.random.default_rng(seed)
@@ -225,13 +277,13 @@ def ranking(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["throughput", "accuracy", "ranking"])
+    parser.add_argument("what", choices=["throughput", "accuracy", "ranking", "sharing"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu", help="throughput: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--preset", default="quick", help="fashion_mnist preset for accuracy and ranking")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_training"), help="run directories, cache")
     parser.add_argument("--batch-size", type=int, default=128, help="throughput: images per step")
-    parser.add_argument("--steps", type=int, default=5, help="throughput: steps per timed block")
+    parser.add_argument("--steps", type=int, default=5, help="throughput: steps per timed block; sharing: steps")
     parser.add_argument("--repeats", type=int, default=5, help="throughput: timed blocks per variant")
     parser.add_argument("--archs", type=int, default=10, help="ranking: number of archs")
     parser.add_argument("--retrain-steps", type=int, default=400, help="ranking: steps of the short retraining")
@@ -239,10 +291,14 @@ def main() -> None:
     parser.add_argument("--supernet-lr", type=float, default=None, help="ranking: override the preset's supernet lr")
     parser.add_argument("--supernet-epochs", type=int, default=None, help="ranking: override supernet epochs")
     parser.add_argument("--supernet-steps", type=int, default=None, help="ranking: override max steps per epoch")
+    parser.add_argument("--vary", default="everything",
+                        choices=["nothing", "widths", "splits", "all-but-splits", "everything"],
+                        help="sharing: what is drawn at random per step (the rest: the largest arch's)")
+    parser.add_argument("--lr", type=float, default=0.1, help="sharing: peak learning rate")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"throughput": throughput, "accuracy": accuracy, "ranking": ranking}[args.what](args)
+    {"throughput": throughput, "accuracy": accuracy, "ranking": ranking, "sharing": sharing}[args.what](args)
 
 
 if __name__ == "__main__":

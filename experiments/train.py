@@ -240,7 +240,7 @@ def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Super
     ckpt = _load(Path(path), "supernet")
     space = SearchSpace.from_dict(ckpt["identity"]["space"])
     supernet = Supernet(space, ckpt["identity"]["num_classes"])
-    supernet.load_state_dict(ckpt["model"])
+    _load_weights(supernet, ckpt["model"], Path(path))
     return supernet.to(device).eval()
 
 
@@ -521,7 +521,7 @@ class _Loop:
         if ckpt["world_size"] != self.ctx.world_size and self.ctx.is_main:
             print(f"warning: {path} was written by {ckpt['world_size']} process(es), continuing with "
                   f"{self.ctx.world_size}: the global batch size changes", file=sys.stderr)
-        self.model.load_state_dict(ckpt["model"])
+        _load_weights(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -604,6 +604,14 @@ class _RetrainLoop(_Loop):
 
 def _atomic_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
+
+
+def _load_weights(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:  # shapes that do not fit: e.g. a supernet saved before its layout changed
+        raise RunDirError(f"{path}: its weights do not fit this {type(model).__name__} (written by another version "
+                          f"of shufflenas?); delete it to start over") from None
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -78,6 +78,18 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_run_state(space, split
     assert supernet.space == space
 
 
+def test_a_checkpoint_whose_weights_no_longer_fit_is_refused_in_one_line(space, splits, cfg, tmp_path):
+    """A supernet saved before the shared weights changed shape (e.g. layout 1, before channel ids)."""
+    train_supernet(fresh_supernet(space), splits, with_epochs(cfg, 1), tmp_path, progress=False)
+    ckpt = torch.load(tmp_path / SUPERNET_CHECKPOINT, weights_only=True)
+    ckpt["model"]["conv5.0.weight"] = ckpt["model"]["conv5.0.weight"][:, :8]
+    torch.save(ckpt, tmp_path / SUPERNET_CHECKPOINT)
+    with pytest.raises(RunDirError, match="weights do not fit this Supernet"):
+        load_supernet(tmp_path / SUPERNET_CHECKPOINT)
+    with pytest.raises(RunDirError, match="delete it to start over"):
+        train_supernet(fresh_supernet(space), splits, with_epochs(cfg, 1), tmp_path, progress=False)
+
+
 def test_resume_after_stopping_matches_an_uninterrupted_run_bitwise(space, splits, cfg, tmp_path):
     two = with_epochs(cfg, 2)
     straight = fresh_supernet(space)
