@@ -293,8 +293,10 @@ def calibrate_in_process(run: Run, space, table, settings, num_classes: int) -> 
 
     The table was profiled and corrected in another process (or on another day); the archs that matter are the ones
     near the target, so `latency.calibrate_archs` of them are timed here and the table's predictions are multiplied
-    by the lowest measured / predicted ratio, capped where the fastest arch would no longer meet the target. Kept in
-    RUN_DIR/calibration.json: a resumed run reuses it.
+    by the lowest measured / predicted ratio. Kept in RUN_DIR/calibration.json: a resumed run reuses it.
+
+    Raises:
+        UsageError: at that ratio not even the fastest arch meets the target (nothing is stored then).
     """
     from search_space.files import atomic_write
 
@@ -321,10 +323,14 @@ def calibrate_in_process(run: Run, space, table, settings, num_classes: int) -> 
         # touched by them (the same reasoning as the fastest round of one measurement).
         ratio = float(min(r["measured_ms"] / r["predicted_ms"] for r in rows))
         data = {"ratio": ratio, "archs": rows}
-        # Never so far that no arch is left: the promise, which measures, decides about the fastest ones then.
-        limit = target / table.min_latency(space) * (1 - 1e-9)  # rounding must not push the fastest over
-        if ratio > limit:
-            data.update(ratio=limit, measured_ratio=ratio)
+        fastest = table.min_latency(space) * ratio
+        if fastest > target:  # not stored: a rerun measures again, when the machine may be quieter
+            measured = [r["measured_ms"] for r in rows]
+            raise UsageError(
+                f"target {target:g} ms cannot be met as this process measures: {len(rows)} archs the table puts at "
+                f"{min(predicted[picks]):.2f}-{max(predicted[picks]):.2f} ms measured {min(measured):.2f}-"
+                f"{max(measured):.2f} ms (at least {ratio:.2f}x), so the fastest arch would take {fastest:.2f} ms; "
+                f"raise --target-ms, or rerun when the machine is quieter (the trained supernet is kept)")
         atomic_write(path, lambda f: json.dump(data, f, indent=1))
     return table.scaled(data["ratio"]), data
 
@@ -421,10 +427,8 @@ def run_job(args: argparse.Namespace) -> Path:
         run, space, table, settings, splits.num_classes) if not notice else (table, {"ratio": 1.0, "archs": []}))
     if calibration["archs"]:
         run.notes.append(f"{len(calibration['archs'])} archs near the target measured at least "
-                         f"{calibration.get('measured_ratio', calibration['ratio']):.3f}x their table prediction in "
-                         f"this process; the search used predictions rescaled by {calibration['ratio']:.3f}"
-                         + (" (capped: at the measured ratio no arch meets the target)"
-                            if "measured_ratio" in calibration else ""))
+                         f"{calibration['ratio']:.3f}x their table prediction in this process; the search used "
+                         f"predictions rescaled by that")
     evaluator = None if asha else Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed, device=run.device)
 
     # The table predicts, the device decides: if no candidate measures within the target, search again with the
