@@ -432,7 +432,7 @@ def run_job(args: argparse.Namespace) -> Path:
     evaluator = None if asha else Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed, device=run.device)
 
     # The table predicts, the device decides: if no candidate measures within the target, search again with the
-    # table's target lowered by the worst prediction error seen (a margin learned from the measurements).
+    # table's target lowered by the typical prediction error seen (a margin learned from the measurements).
     table_target = target * (1.0 - cfg.latency.margin)
     winners: list[dict] = []
     rejected_all: list[dict] = []

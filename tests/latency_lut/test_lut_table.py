@@ -39,6 +39,20 @@ def test_predict_is_the_corrected_sum_of_entries(fashion_space: SearchSpace, syn
     np.testing.assert_array_equal(table.predict_many(archs, corrected=False), [table.predict(a, False) for a in archs])
 
 
+def test_scaled_multiplies_every_corrected_prediction_and_leaves_the_original(fashion_space: SearchSpace,
+                                                                              synthetic_table) -> None:
+    table = synthetic_table(fashion_space)
+    table.correction = Correction(scale=1.25, overhead_us=-40.0, fitted_on=10)
+    slower = table.scaled(1.5)
+    rng = np.random.default_rng(1)
+    archs = [fashion_space.sample(rng) for _ in range(20)]
+    np.testing.assert_allclose(slower.predict_many(archs), 1.5 * table.predict_many(archs), rtol=1e-12)
+    assert slower.min_latency(fashion_space) == pytest.approx(1.5 * table.min_latency(fashion_space), rel=1e-12)
+    assert table.correction.scale == 1.25 and slower.fingerprint == table.fingerprint
+    with pytest.raises(LutError, match="positive"):
+        table.scaled(0.0)
+
+
 def test_min_and_max_latency_are_exact(tiny_space: SearchSpace, synthetic_table, all_archs) -> None:
     table = synthetic_table(tiny_space, seed=3)
     table.correction = Correction(scale=0.9, overhead_us=120.0, fitted_on=4)
