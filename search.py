@@ -288,12 +288,13 @@ def measure_for_verdict(run: Run, model: torch.nn.Module, settings) -> tuple[Any
     return best, rounds
 
 
-def calibrate_in_process(run: Run, space, table, settings, num_classes: int) -> tuple[Any, dict]:
+def calibrate_in_process(run: Run, space, table, settings, num_classes: int, binds: bool) -> tuple[Any, dict]:
     """Rescale the table to what this process measures near the target.
 
     The table was profiled and corrected in another process (or on another day); the archs that matter are the ones
     near the target, so `latency.calibrate_archs` of them are timed here and the table's predictions are multiplied
-    by the lowest measured / predicted ratio. Kept in RUN_DIR/calibration.json: a resumed run reuses it.
+    by the lowest measured / predicted ratio. Kept in RUN_DIR/calibration.json: a resumed run reuses it. Nothing is
+    measured when `latency.calibrate_archs` is 0 or the target does not bind (no arch is near it).
 
     Raises:
         UsageError: at that ratio not even the fastest arch meets the target (nothing is stored then).
@@ -304,7 +305,7 @@ def calibrate_in_process(run: Run, space, table, settings, num_classes: int) -> 
     count = run.cfg.latency.calibrate_archs
     if path.exists():
         data = json.loads(path.read_text())
-    elif count == 0:
+    elif count == 0 or not binds:
         return table, {"ratio": 1.0, "archs": []}
     else:
         target = run.cfg.latency.target_ms
@@ -422,9 +423,8 @@ def run_job(args: argparse.Namespace) -> Path:
         supernet = None
     else:
         supernet = run.step("supernet", 3, total, lambda: train_or_load_supernet(run, space, splits))
-    # A target every arch meets has no boundary to calibrate: nothing is measured then.
     table, calibration = run.step("calibrate", 4, total, lambda: calibrate_in_process(
-        run, space, table, settings, splits.num_classes) if not notice else (table, {"ratio": 1.0, "archs": []}))
+        run, space, table, settings, splits.num_classes, binds=not notice))
     if calibration["archs"]:
         run.notes.append(f"{len(calibration['archs'])} archs near the target measured at least "
                          f"{calibration['ratio']:.3f}x their table prediction in this process; the search used "

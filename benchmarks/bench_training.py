@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import statistics
@@ -148,7 +149,7 @@ def sharing(args: argparse.Namespace) -> None:
         if args.vary == "everything":
             return sample
         data = largest if args.vary in ("widths", "splits") else sample.to_dict()
-        data = json.loads(json.dumps(data))
+        data = copy.deepcopy(data)
         for stage, drawn in zip(data["stages"], sample.to_dict()["stages"], strict=True):
             if args.vary == "widths":
                 stage["width"] = drawn["width"]

@@ -34,9 +34,6 @@ from search_space.layout import Geometry, UnitShape, split_channels, stage_name,
 from search_space.network import ShuffleNetV2, channel_shuffle
 from search_space.space import SearchSpace
 
-# Bumped whenever the shape or meaning of the shared weights changes: a checkpoint of another layout cannot be loaded.
-LAYOUT = 2
-
 
 @dataclass(frozen=True)
 class StageBlocks:
