@@ -30,8 +30,8 @@ clean:
 
 # The main job on the default data (Fashion-MNIST): a budget that binds on a 2-core CPU of this kind. Machines of
 # this kind differed by 2x between days: the space spanned 1.6-6 ms on one (torchvision's x0.5 shape 4.2 ms) and
-# 3.4-9.6 ms on another (x0.5 7.3 ms), where a process that had just trained measured networks at up to 2x the
-# table. 8 ms binds there and leaves room for that; on the faster machine it barely binds.
+# 1.8-11 ms on another (x0.5 measured 7.0-11.5 ms, in phases within an hour). 8 ms binds there and leaves room for
+# that; on the faster machine it barely binds.
 DEMO_TARGET_MS ?= 8
 demo: venv data
 	$(PY) search.py --target-ms $(DEMO_TARGET_MS) --device cpu --preset quick

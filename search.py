@@ -8,8 +8,8 @@ Steps, each resumable (rerun the same command after a kill: nothing finished is 
                 calibrated (luts/ is shared by every run on this machine)
   2. check      the target is met by at least one arch of the space (else: one line naming the fastest)
   3. supernet   weight-sharing supernet, trained or loaded from the run directory
-  4. calibrate  a few archs near the target are timed in this process, which may run slower or faster than the one
-                that profiled the table; the table's predictions are rescaled by the lowest ratio
+  4. calibrate  a few archs near the target are timed now, when the device may run slower or faster than when the
+                table was profiled; the table's predictions are rescaled by the lowest ratio
   5. search     Optuna or Ray Tune, constrained by the table; candidates scored with inherited weights
   6. ship       the best candidates, in order, are measured on the device; over the target: not shipped, the next
                 one is taken; the shipped ones are retrained, exported and measured again. A measurement over the
@@ -260,12 +260,16 @@ def make_searcher(run: Run, space, table, evaluator, target_ms: float, study_nam
 
 
 def measure(run: Run, model: torch.nn.Module, settings, repeats: int = REPEATS, purpose: str = "ship") -> Any:
-    """Time `model` on the run's device with the table's settings (`purpose`: "ship" or "calibrate")."""
-    from latency_lut import measure_model
+    """Time `model` (on the CPU) on the run's device with the table's settings (`purpose`: "ship" or "calibrate").
+
+    In a fresh process, as the table was profiled and as the model will be deployed: this one may have trained, and
+    a process that has trained timed networks 1.26x slower on a 2-core CPU (see `measure_model_fresh`).
+    """
+    from latency_lut import measure_model_fresh
 
     g = model.geometry
-    return measure_model(model, (g.in_channels, g.input_size, g.input_size), run.device, settings,
-                         repeats=repeats, seed=run.cfg.seed)
+    return measure_model_fresh(model, (g.in_channels, g.input_size, g.input_size), run.device, settings,
+                               repeats=repeats, seed=run.cfg.seed)
 
 
 def measure_for_verdict(run: Run, model: torch.nn.Module, settings) -> tuple[Any, int]:
@@ -288,11 +292,12 @@ def measure_for_verdict(run: Run, model: torch.nn.Module, settings) -> tuple[Any
     return best, rounds
 
 
-def calibrate_in_process(run: Run, space, table, settings, num_classes: int, binds: bool) -> tuple[Any, dict]:
-    """Rescale the table to what this process measures near the target.
+def calibrate_now(run: Run, space, table, settings, num_classes: int, binds: bool) -> tuple[Any, dict]:
+    """Rescale the table to what the device measures now near the target.
 
-    The table was profiled and corrected in another process (or on another day); the archs that matter are the ones
-    near the target, so `latency.calibrate_archs` of them are timed here and the table's predictions are multiplied
+    The table was profiled and corrected earlier (maybe another day, under another load); the archs that matter are
+    the ones near the target, so `latency.calibrate_archs` of them are timed now (each in a fresh process, as every
+    measurement that decides shipping is: see `measure`) and the table's predictions are multiplied
     by the lowest measured / predicted ratio. Kept in RUN_DIR/calibration.json: a resumed run reuses it. Nothing is
     measured when `latency.calibrate_archs` is 0 or the target does not bind (no arch is near it).
 
@@ -328,7 +333,7 @@ def calibrate_in_process(run: Run, space, table, settings, num_classes: int, bin
         if fastest > target:  # not stored: a rerun measures again, when the machine may be quieter
             measured = [r["measured_ms"] for r in rows]
             raise UsageError(
-                f"target {target:g} ms cannot be met as this process measures: {len(rows)} archs the table puts at "
+                f"target {target:g} ms cannot be met as the device measures now: {len(rows)} archs the table puts at "
                 f"{min(predicted[picks]):.2f}-{max(predicted[picks]):.2f} ms measured {min(measured):.2f}-"
                 f"{max(measured):.2f} ms (at least {ratio:.2f}x), so the fastest arch would take {fastest:.2f} ms; "
                 f"raise --target-ms, or rerun when the machine is quieter (the trained supernet is kept)")
@@ -369,8 +374,7 @@ def ship(run: Run, space, splits, result, table, settings) -> tuple[list[dict], 
         folder = run.run_dir / "winners" / f"{rank}-{code}"
         if code not in state["shipped"]:
             trained = retrain(space, arch, splits, run.cfg, folder / "train", device=run.device)
-            after, rounds = measure_for_verdict(run, trained.model.cpu() if run.device == "cpu" else trained.model,
-                                                settings)
+            after, rounds = measure_for_verdict(run, trained.model.cpu(), settings)
             card = {
                 "predicted_ms": candidate.predicted_ms, "measured_ms": after.median_ms, "measured_rounds": rounds,
                 "measured_p10_ms": after.p10_ms, "measured_p90_ms": after.p90_ms,
@@ -423,11 +427,11 @@ def run_job(args: argparse.Namespace) -> Path:
         supernet = None
     else:
         supernet = run.step("supernet", 3, total, lambda: train_or_load_supernet(run, space, splits))
-    table, calibration = run.step("calibrate", 4, total, lambda: calibrate_in_process(
+    table, calibration = run.step("calibrate", 4, total, lambda: calibrate_now(
         run, space, table, settings, splits.num_classes, binds=not notice))
     if calibration["archs"]:
         run.notes.append(f"{len(calibration['archs'])} archs near the target measured at least "
-                         f"{calibration['ratio']:.3f}x their table prediction in this process; the search used "
+                         f"{calibration['ratio']:.3f}x their table prediction in this run; the search used "
                          f"predictions rescaled by that")
     evaluator = None if asha else Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed, device=run.device)
 

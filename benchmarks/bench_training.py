@@ -2,8 +2,11 @@
 
     python benchmarks/bench_training.py throughput [--threads 1] [--device cuda]
         Training images/s of supernet(x, arch) against the plain network of the same arch (forward, backward and an
-        SGD step), measured interleaved in one process so that both see the same machine load. On CUDA the steps run
-        as experiments/train.py runs them there: the recipe's autocast dtype (bf16) and channels_last.
+        SGD step), measured interleaved in one process so that both see the same machine load. The steps run as
+        experiments/train.py runs them: channels_last (the recipe's), and on CUDA its autocast dtype (bf16).
+    python benchmarks/bench_training.py layout [--threads 1]
+        CPU training images/s with NCHW against NHWC (channels_last) tensors, plain and supernet, interleaved: why
+        experiments/train.py trains channels_last on the CPU too.
     python benchmarks/bench_training.py accuracy --preset quick [--threads 2]
         Retrains the reference arch (shufflenet_v2_x0_5) with the preset's recipe; records time and accuracy.
     python benchmarks/bench_training.py ranking [--threads 1]
@@ -47,20 +50,24 @@ from search_space import Arch, SearchSpace, Supernet  # noqa: E402
 CONFIG = ROOT / "experiments" / "fashion_mnist.yaml"
 
 
+def speed_archs(space: SearchSpace) -> list[tuple[str, Arch]]:
+    """The five archs the speed comparisons time: both ends of the space, the x0.5 reference, two random ones."""
+    rng = np.random.default_rng(0)
+    return [("smallest", space.smallest()), ("reference x0.5", space.reference("shufflenet_v2_x0_5")),
+            ("random 1", space.sample(rng)), ("random 2", space.sample(rng)), ("largest", space.largest())]
+
+
 def throughput(args: argparse.Namespace) -> None:
     """Median training images/s, plain vs supernet, alternating blocks of steps for each arch."""
     cfg = load_experiment(CONFIG, "quick")
     space = SearchSpace.from_yaml(cfg.space)
-    rng = np.random.default_rng(0)
-    archs = [("smallest", space.smallest()), ("reference x0.5", space.reference("shufflenet_v2_x0_5")),
-             ("random 1", space.sample(rng)), ("random 2", space.sample(rng)), ("largest", space.largest())]
+    archs = speed_archs(space)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    # On CUDA as experiments/train.py trains there (the supernet recipe's autocast dtype and memory format); the CPU
-    # runs float32 NCHW, as training does there.
+    # As experiments/train.py trains: the supernet recipe's memory format, and on CUDA its autocast dtype.
     recipe = cfg.supernet
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.amp) if cuda else None
-    fmt = torch.channels_last if cuda and recipe.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -74,19 +81,17 @@ def throughput(args: argparse.Namespace) -> None:
     g = space.geometry
     x = torch.randn(args.batch_size, g.in_channels, g.input_size, g.input_size)
     y = torch.randint(0, 10, (args.batch_size,))
+    supernet = supernet.to(device=device, memory_format=fmt)
+    x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
     if cuda:
-        supernet = supernet.to(device=device, memory_format=fmt)
-        x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
-        print(f"device {device} ({torch.cuda.get_device_name(device)}), autocast {recipe.amp}, "
-              f"channels_last {recipe.channels_last}", flush=True)
+        print(f"device {device} ({torch.cuda.get_device_name(device)}), autocast {recipe.amp}", flush=True)
+    print(f"channels_last {recipe.channels_last}", flush=True)
     print(f"threads {torch.get_num_threads()}, batch {args.batch_size}, {args.steps} steps per block, "
           f"{args.repeats} blocks each, interleaved", flush=True)
     print("| arch | MFLOPs | plain img/s | supernet img/s | supernet / plain |")
     print("|---|---:|---:|---:|---:|")
     for label, arch in archs:
-        plain = space.build(arch, 10)
-        if cuda:
-            plain = plain.to(device=device, memory_format=fmt)
+        plain = space.build(arch, 10).to(device=device, memory_format=fmt)
         runs = {
             "plain": (lambda plain=plain: plain(x), torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)),
             "supernet": (lambda arch=arch: supernet(x, arch),
@@ -111,6 +116,50 @@ def throughput(args: argparse.Namespace) -> None:
                     rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
         p, s = statistics.median(rates["plain"]), statistics.median(rates["supernet"])
         print(f"| {label} | {space.cost(arch, 10).mflops:.1f} | {p:.0f} | {s:.0f} | {s / p:.2f} |", flush=True)
+
+
+def layout(args: argparse.Namespace) -> None:
+    """CPU training images/s in NCHW (contiguous) against NHWC (channels_last), interleaved, plain and supernet."""
+    cfg = load_experiment(CONFIG, "quick")
+    space = SearchSpace.from_yaml(cfg.space)
+    archs = speed_archs(space)
+    g = space.geometry
+    x = torch.randn(args.batch_size, g.in_channels, g.input_size, g.input_size)
+    y = torch.randint(0, 10, (args.batch_size,))
+    torch.manual_seed(0)
+    supernets = {"nchw": Supernet(space, 10)}
+    supernets["nhwc"] = copy.deepcopy(supernets["nchw"]).to(memory_format=torch.channels_last)
+    inputs = {"nchw": x, "nhwc": x.contiguous(memory_format=torch.channels_last)}
+    print(f"threads {torch.get_num_threads()}, batch {args.batch_size}, {args.steps} steps per block, "
+          f"{args.repeats} blocks each, interleaved", flush=True)
+    print("| arch | MFLOPs | plain NCHW img/s | plain NHWC img/s | NHWC / NCHW | supernet NCHW | supernet NHWC | "
+          "NHWC / NCHW |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, arch in archs:
+        plain = space.build(arch, 10)
+        plains = {"nchw": plain, "nhwc": copy.deepcopy(plain).to(memory_format=torch.channels_last)}
+        runs = {}
+        for fmt in ("nchw", "nhwc"):
+            runs[f"plain {fmt}"] = (lambda m=plains[fmt], f=fmt: m(inputs[f]), plains[fmt])
+            runs[f"supernet {fmt}"] = (lambda f=fmt, a=arch: supernets[f](inputs[f], a), supernets[fmt])
+        optimizers = {name: torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+                      for name, (_, model) in runs.items()}
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        for block in range(args.repeats + 1):  # block 0 warms up
+            order = list(runs) if block % 2 == 0 else list(reversed(runs))
+            for name in order:
+                forward, _ = runs[name]
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    optimizers[name].zero_grad(set_to_none=True)
+                    F.cross_entropy(forward(), y).backward()
+                    optimizers[name].step()
+                if block:
+                    rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+        r = {name: statistics.median(v) for name, v in rates.items()}
+        print(f"| {label} | {space.cost(arch, 10).mflops:.1f} | {r['plain nchw']:.0f} | {r['plain nhwc']:.0f} | "
+              f"{r['plain nhwc'] / r['plain nchw']:.2f} | {r['supernet nchw']:.0f} | {r['supernet nhwc']:.0f} | "
+              f"{r['supernet nhwc'] / r['supernet nchw']:.2f} |", flush=True)
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -278,14 +327,14 @@ def ranking(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["throughput", "accuracy", "ranking", "sharing"])
+    parser.add_argument("what", choices=["throughput", "layout", "accuracy", "ranking", "sharing"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu", help="throughput: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--preset", default="quick", help="fashion_mnist preset for accuracy and ranking")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_training"), help="run directories, cache")
     parser.add_argument("--batch-size", type=int, default=128, help="throughput: images per step")
-    parser.add_argument("--steps", type=int, default=5, help="throughput: steps per timed block; sharing: steps")
-    parser.add_argument("--repeats", type=int, default=5, help="throughput: timed blocks per variant")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block (sharing: in all)")
+    parser.add_argument("--repeats", type=int, default=5, help="throughput, layout: timed blocks per variant")
     parser.add_argument("--archs", type=int, default=10, help="ranking: number of archs")
     parser.add_argument("--retrain-steps", type=int, default=400, help="ranking: steps of the short retraining")
     parser.add_argument("--augment", choices=["on", "off"], default="on", help="ranking: training augmentation")
@@ -299,7 +348,8 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"throughput": throughput, "accuracy": accuracy, "ranking": ranking, "sharing": sharing}[args.what](args)
+    {"throughput": throughput, "layout": layout, "accuracy": accuracy, "ranking": ranking,
+     "sharing": sharing}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training: the weight-sharing supernet, and the retraining of one chosen arch.
 
 Both use one loop: SGD with Nesterov momentum, a per-step cosine schedule after an optional linear warm-up, label
-smoothing, weight decay on conv and linear weights only, AMP and channels_last on CUDA, a tqdm bar with loss,
+smoothing, weight decay on conv and linear weights only, channels_last, AMP on CUDA, a tqdm bar with loss,
 accuracy and ETA, and a checkpoint after every epoch (written atomically, loaded with `weights_only=True`). Rerunning
 the same command after a kill continues from the last checkpoint and, on CPU, ends bit for bit where an uninterrupted
 run would; a run directory made by a different configuration is refused, naming what differs.
@@ -207,6 +207,7 @@ def retrain(
         return None
     val = history[-1].val_accuracy
     test = loop.accuracy(splits.test)
+    loop.model.to(memory_format=torch.contiguous_format)  # NCHW again after channels_last: as users run it
     result = RetrainResult(
         arch=arch, val_accuracy=float(val), test_accuracy=test, seconds=sum(h.seconds for h in history),
         history=history, model_path=run_dir / MODEL_FILE, model=loop.model.eval(),
@@ -330,7 +331,7 @@ class _Loop:
         self.progress = progress and ctx.is_main
         self.fingerprint = fingerprint(identity)
         cuda = device.type == "cuda"
-        self.channels_last = cuda and recipe.channels_last
+        self.channels_last = recipe.channels_last
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.amp) if cuda else None
         self.model = model.to(device)
         if self.channels_last:

@@ -16,7 +16,7 @@ from latency_lut.fingerprint import Fingerprint, Settings, resolve_device
 from latency_lut.ops import OpSignature, arch_ops, enumerate_ops, probe_archs
 from latency_lut.profiler import default_out, profile
 from latency_lut.table import Contribution, Correction, Entry, LatencyTable
-from latency_lut.timing import Budget, Measurement, measure_model
+from latency_lut.timing import Budget, Measurement, measure_model, measure_model_fresh
 from latency_lut.validation import validate
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "default_out",
     "enumerate_ops",
     "measure_model",
+    "measure_model_fresh",
     "probe_archs",
     "profile",
     "resolve_device",

@@ -19,9 +19,11 @@ import ctypes.util
 import io
 import logging
 import math
+import multiprocessing
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -430,3 +432,29 @@ def measure_model(model: nn.Module | str | Path, input_shape: Sequence[int], dev
         blocks = measure_interleaved([runner], budget, np.random.default_rng(seed))[0]
     return Measurement.from_blocks(blocks)
 
+
+def measure_model_fresh(model: nn.Module, input_shape: Sequence[int], device: str | torch.device, settings: Settings,
+                        repeats: int = 5, budget: Budget | None = None, seed: int = 0) -> Measurement:
+    """`measure_model` in a process that has done nothing else: what a deployed model, or the table's profiler, sees.
+
+    A process's past shows in its timings. On a 2-core CPU, a process that had just trained timed networks 1.26x
+    slower (geometric mean, 1.02-1.42x) than a fresh one timed them in the same minutes, and releasing its freed
+    memory (`malloc_trim`) did not close the gap (benchmarks/bench_fresh.py). On an H200, a search process measured
+    candidates at about twice the table. So this sends `model` (on the CPU; the child moves it to `device`) to a
+    child forked from a server that has only imported torch: the fork costs milliseconds, and the server starts once
+    per process (`spawn` where there is no forkserver). Arguments and result are those of `measure_model`; its
+    errors are raised here.
+    """
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise LutError("measure_model_fresh: send the model on the CPU; the child moves it to the device")
+    with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_context()) as pool:
+        return pool.submit(measure_model, model, tuple(input_shape), str(device), settings, repeats, budget,
+                           seed).result()
+
+
+def _fresh_context() -> multiprocessing.context.BaseContext:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["latency_lut.timing", "search_space"])  # in the server, once; not __main__
+    return context

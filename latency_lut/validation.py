@@ -76,8 +76,9 @@ def fit_correction(raw_us: np.ndarray, measured_us: np.ndarray) -> tuple[float, 
     """Scale and overhead (us) minimising relative residuals of ``scale * raw + overhead`` against `measured`.
 
     Two or more archs: least squares with a soft-L1 loss (scale kept positive); one arch: scale only. The overhead
-    is kept above minus half the fastest measured arch: a few noisy measurements (a busy machine) otherwise fit a
-    steep scale with a large negative overhead that predicts nothing, or a negative time, for the smallest archs.
+    is kept within plus or minus half the fastest measured arch: a few noisy measurements (a busy machine) otherwise
+    fit a steep scale with a large negative overhead that predicts nothing, or a negative time, for the smallest
+    archs; or a flat one, scale near 0, where the overhead alone predicts every arch at the same time.
 
     Returns:
         (scale, overhead_us, loss name).
@@ -87,17 +88,18 @@ def fit_correction(raw_us: np.ndarray, measured_us: np.ndarray) -> tuple[float, 
     raw_us, measured_us = np.asarray(raw_us, float), np.asarray(measured_us, float)
     if len(raw_us) == 1:
         return float(measured_us[0] / raw_us[0]), 0.0, "exact"
-    floor = -0.5 * float(measured_us.min())
+    ceiling = 0.5 * float(measured_us.min())
+    floor = -ceiling
     design = np.stack([raw_us / measured_us, 1.0 / measured_us], axis=1)
     (scale, overhead), *_ = np.linalg.lstsq(design, np.ones_like(raw_us), rcond=None)
-    if not scale > 0 or not overhead > floor:
+    if not scale > 0 or not floor < overhead < ceiling:
         scale, overhead = float(np.sum(measured_us) / np.sum(raw_us)), 0.0
 
     def residuals(p: np.ndarray) -> np.ndarray:
         return (p[0] * raw_us + p[1]) / measured_us - 1.0
 
     result = optimize.least_squares(residuals, [scale, overhead], loss="soft_l1", f_scale=0.02,
-                                    bounds=([1e-6, floor], [np.inf, np.inf]))
+                                    bounds=([1e-6, floor], [np.inf, ceiling]))
     return float(result.x[0]), float(result.x[1]), "soft_l1"
 
 

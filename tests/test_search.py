@@ -256,7 +256,7 @@ def test_search_is_rerun_with_a_margin_when_nothing_measures_within(config, lut,
         _one_line_error(code, err, "no candidate measured within")
 
 
-def test_the_table_is_rescaled_by_what_this_process_measures(config, lut, bounds, tmp_path, capsys, monkeypatch):
+def test_the_table_is_rescaled_by_what_the_device_measures_now(config, lut, bounds, tmp_path, capsys, monkeypatch):
     """Calibration archs measured (up to) 25% over their prediction: the search sees every prediction that much
     higher, and a resumed run reuses the stored ratio instead of measuring again."""
     low, high = bounds
@@ -286,9 +286,9 @@ def test_the_table_is_rescaled_by_what_this_process_measures(config, lut, bounds
     assert calls["calibrate"] == 3  # reused, not measured again
 
 
-def test_a_process_too_slow_for_any_arch_says_so_and_keeps_the_supernet(config, lut, bounds, tmp_path, capsys,
-                                                                         monkeypatch):
-    """This process measured 10x the table: no arch can meet the target as it measures. One line says so, nothing
+def test_a_device_too_slow_for_any_arch_now_says_so_and_keeps_the_supernet(config, lut, bounds, tmp_path, capsys,
+                                                                            monkeypatch):
+    """The device measures 10x the table now: no arch can meet the target as it measures. One line says so, nothing
     of the calibration is stored (a rerun measures again), and the trained supernet is kept."""
     low, high = bounds
     target = round(low + 0.7 * (high - low), 3)
@@ -299,7 +299,7 @@ def test_a_process_too_slow_for_any_arch_says_so_and_keeps_the_supernet(config, 
 
     monkeypatch.setattr(search, "measure", fake)
     code, err = run(base_args(config, lut, target, tmp_path / "run"), capsys)
-    _one_line_error(code, err, "cannot be met as this process measures")
+    _one_line_error(code, err, "cannot be met as the device measures now")
     assert "at least 10.00x" in err
     assert not (tmp_path / "run" / "calibration.json").exists()
     assert (tmp_path / "run" / "supernet" / "supernet.pt").exists()

@@ -23,6 +23,7 @@ from latency_lut import (
     Settings,
     enumerate_ops,
     measure_model,
+    measure_model_fresh,
     profile,
     validate,
 )
@@ -172,6 +173,32 @@ def test_measure_model_eager_and_onnxruntime(tmp_path: Path, tiny_space: SearchS
         measure_model(net, (3, 1, 16, 16), "cpu", Settings())
 
 
+class _NotIn(torch.nn.Module):
+    """Refuses to run in the process that made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maker = os.getpid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if os.getpid() == self.maker:
+            raise RuntimeError("ran in the process that made it")
+        return x + 1
+
+
+def test_measure_model_fresh_times_in_another_process(tiny_space: SearchSpace) -> None:
+    budget = Budget(rounds=3, block_s=0.0, min_calls=4, max_calls=4, warmup=1)
+    settings = Settings(num_classes=10)
+    fresh = measure_model_fresh(_NotIn(), (1, 4, 4), "cpu", settings, repeats=3, budget=budget)
+    assert len(fresh.samples_ms) == 12 and fresh.median_ms == min(fresh.round_medians_ms) > 0
+    with pytest.raises(RuntimeError, match="ran in the process that made it"):
+        measure_model(_NotIn(), (1, 4, 4), "cpu", settings, repeats=1, budget=budget)
+    net = tiny_space.build(tiny_space.largest(), num_classes=10)
+    assert measure_model_fresh(net, (1, 16, 16), "cpu", settings, repeats=2, budget=budget).median_ms > 0
+    with pytest.raises(LutError, match="input shape"):  # the child's errors are raised here
+        measure_model_fresh(net, (3, 1, 16, 16), "cpu", settings)
+
+
 def test_validate_fits_and_stores_a_correction(tmp_path: Path, tiny_space: SearchSpace, tiny_budget: Budget) -> None:
     out = tmp_path / "t.json"
     profile(tiny_space, out, "cpu", Settings(num_classes=10), budget=tiny_budget, progress=False)
@@ -238,3 +265,7 @@ def test_fit_correction_recovers_scale_and_overhead_and_bounds_a_noisy_fit() -> 
     # negative time for anything below 90 us of ops. The overhead stays above minus half the fastest measurement.
     scale, overhead, _ = fit_correction(np.array([100.0, 110.0, 120.0]), np.array([100.0, 200.0, 300.0]))
     assert overhead >= -50.0 - 1e-6
+    # The other way round: the larger archs measured faster, and a free fit is flat (scale near 0, the overhead
+    # explaining everything), which calls every arch equally fast. The overhead stays under half the fastest.
+    scale, overhead, _ = fit_correction(np.array([100.0, 200.0, 300.0]), np.array([300.0, 290.0, 280.0]))
+    assert overhead <= 140.0 + 1e-6 and scale * 100.0 + overhead > 0.5 * 280.0

@@ -3,7 +3,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -158,16 +157,18 @@ def test_fingerprint_of_this_machine(fashion_space: SearchSpace) -> None:
         Fingerprint.from_dict({**fp.to_dict(), "extra": 1})
 
 
-def test_predict_many_throughput_is_search_fast(imagenet_space: SearchSpace, synthetic_table) -> None:
-    # Not a benchmark (benchmarks/bench_lut.py measures it): guards against an accidental slow path only.
+def test_predict_many_is_vectorised_and_agrees_with_predict(imagenet_space: SearchSpace, synthetic_table,
+                                                             monkeypatch) -> None:
+    # Its speed is measured in benchmarks/bench_lut.py (not timed here: the machine is shared); this guards the
+    # structure: one vectorised pass, never a call of `predict` per arch, with the same answers.
     table = synthetic_table(imagenet_space)
     rng = np.random.default_rng(0)
-    archs = [imagenet_space.sample(rng) for _ in range(5000)]
-    table.predict_many(archs[:50])
-    start = time.perf_counter()
+    archs = [imagenet_space.sample(rng) for _ in range(2000)]
+    expected = [table.predict(a) for a in archs[:50]]
+    monkeypatch.setattr(type(table), "predict", lambda self, arch: pytest.fail("predict_many called predict"))
     out = table.predict_many(archs)
-    assert len(out) == 5000 and np.all(np.isfinite(out))
-    assert time.perf_counter() - start < 1.0  # > 5,000 archs/s even on a loaded machine
+    assert out.shape == (2000,) and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[:50], expected, rtol=1e-9)
 
 
 def test_correction_validation() -> None:
