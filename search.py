@@ -374,7 +374,8 @@ def ship(run: Run, space, splits, result, table, settings) -> tuple[list[dict], 
         folder = run.run_dir / "winners" / f"{rank}-{code}"
         if code not in state["shipped"]:
             trained = retrain(space, arch, splits, run.cfg, folder / "train", device=run.device)
-            after, rounds = measure_for_verdict(run, trained.model.cpu(), settings)
+            model = trained.model.cpu().eval()  # exported and measured from the CPU
+            after, rounds = measure_for_verdict(run, model, settings)
             card = {
                 "predicted_ms": candidate.predicted_ms, "measured_ms": after.median_ms, "measured_rounds": rounds,
                 "measured_p10_ms": after.p10_ms, "measured_p90_ms": after.p90_ms,
@@ -383,7 +384,6 @@ def ship(run: Run, space, splits, result, table, settings) -> tuple[list[dict], 
                 "test_accuracy": trained.test_accuracy, "seed": run.cfg.seed,
                 "recipe": run.cfg.to_dict()["retrain"], "data": run.cfg.data.name, "device": run.device,
             }
-            model = trained.model.cpu().eval()
             export_all(model, folder, card=card, extra={"mean": list(splits.mean), "std": list(splits.std)})
             state["shipped"][code] = {**card, "folder": str(folder.relative_to(run.run_dir))}
             save()

@@ -29,12 +29,11 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from experiments.config import load_experiment  # noqa: E402
 from latency_lut import Settings  # noqa: E402
-from latency_lut.timing import Budget, Measurement, make_runner, measure_interleaved, pin_allocator  # noqa: E402
+from latency_lut.timing import Budget, Measurement  # noqa: E402
+from latency_lut.validation import measure_archs  # noqa: E402
 from search_space import SearchSpace  # noqa: E402
 from search_space.arch import Arch, Stage  # noqa: E402
 from search_space.files import atomic_write  # noqa: E402
@@ -65,16 +64,10 @@ def scaled_references(space: SearchSpace, scales: list[Fraction]) -> dict[str, A
 
 def time_all(space: SearchSpace, archs: dict[str, Arch], settings: Settings, rounds: int,
              seed: int) -> dict[str, Measurement]:
-    """Interleaved rounds of every arch; each estimate is its fastest round's median (as the table's)."""
-    pin_allocator()
-    torch.set_num_threads(settings.threads)
-    g = space.geometry
-    shape = (settings.batch_size, g.in_channels, g.input_size, g.input_size)
-    runners = {name: make_runner(space.build(a, settings.num_classes), shape, torch.device("cpu"), settings, seed)
-               for name, a in archs.items()}
-    blocks = measure_interleaved(list(runners.values()), Budget(rounds=rounds, block_s=0.2, max_calls=50, warmup=3),
-                                 np.random.default_rng(seed))
-    return {name: Measurement.from_blocks(b) for name, b in zip(runners, blocks, strict=True)}
+    """Interleaved rounds of every arch (`latency_lut.validation.measure_archs`), by name."""
+    budget = Budget(rounds=rounds, block_s=0.2, max_calls=50, warmup=3)
+    timed = measure_archs(space, list(archs.values()), "cpu", settings, budget=budget, seed=seed, progress=False)
+    return dict(zip(archs, timed, strict=True))
 
 
 def run(cmd: list[str], log: Path) -> None:

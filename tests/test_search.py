@@ -208,7 +208,7 @@ class ScriptedMeasure:
         self.archs: list[str] = []  # distinct, in the order first measured
 
     def __call__(self, run, model, settings, repeats=search.REPEATS, purpose="ship"):
-        if purpose == "calibrate":  # the in-process calibration finds the table right
+        if purpose == "calibrate":  # the calibration finds the table right
             return _measured(self.table.predict(model.arch))
         code = model.arch.encode()
         if code not in self.archs:
