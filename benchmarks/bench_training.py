@@ -9,11 +9,12 @@
         experiments/train.py trains channels_last on the CPU too.
     python benchmarks/bench_training.py accuracy --preset quick [--threads 2]
         Retrains the reference arch (shufflenet_v2_x0_5) with the preset's recipe; records time and accuracy.
-    python benchmarks/bench_training.py ranking [--threads 1]
+    python benchmarks/bench_training.py ranking [--threads 1] [--retrain-seeds 3] [--no-retrain | --report]
         Kendall tau between the supernet's score (BN recalibrated, validation accuracy) and the validation accuracy
-        of the same archs retrained alone for a short equal budget, over archs spread over the space's FLOPs range.
-        Every finished piece is cached under --work-dir (a JSON file plus resumable run directories), so rerunning
-        the command after a kill continues where it stopped.
+        of the same archs retrained alone for a short equal budget (averaged over --retrain-seeds seeds), over archs
+        spread over the space's FLOPs range. Every finished piece is cached under --work-dir (a JSON file plus
+        resumable run directories), so rerunning the command after a kill continues where it stopped. Two processes
+        may share the cache: one with --no-retrain training and scoring another supernet while the other retrains.
     python benchmarks/bench_training.py sharing --vary widths --lr 0.1 --steps 120
         Whether weight sharing learns: the supernet's training loss when only some dimensions of the arch are drawn
         per step (the others stay at the largest arch's), first 20 steps against the last 30.
@@ -28,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import json
 import statistics
 import sys
@@ -242,14 +244,37 @@ def ranking(args: argparse.Namespace) -> None:
     from experiments.config import fingerprint
 
     work = Path(args.work_dir) / "ranking"
+    work.mkdir(parents=True, exist_ok=True)
     cache_path = work / "ranking.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
 
+    def fill(mine: dict, theirs: dict) -> None:
+        """Add to `mine`, in place, what only `theirs` has; where both have a value, mine stays."""
+        for key, value in theirs.items():
+            if key not in mine:
+                mine[key] = value
+            elif isinstance(mine[key], dict) and isinstance(value, dict):
+                fill(mine[key], value)
+
+    def migrate() -> None:
+        # The first sessions kept one retraining per arch, with the config's seed, at the top level of its row.
+        for row in cache.get("archs", {}).values():
+            if "retrain_val" in row:
+                row.setdefault("retrains", {}).setdefault(str(cfg.seed), {
+                    "val": row.pop("retrain_val"), "test": row.pop("retrain_test"),
+                    "seconds": row.pop("retrain_seconds")})
+
     def save() -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1) + "\n")
-        tmp.replace(cache_path)
+        # Two of these processes may share the cache (one retraining, one scoring another supernet): each adds what
+        # the other has written since to its own copy, under a lock, so neither loses the other's results.
+        with open(work / "ranking.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if cache_path.exists():
+                fill(cache, json.loads(cache_path.read_text()))
+            migrate()
+            tmp = cache_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=1) + "\n")
+            tmp.replace(cache_path)
 
     cfg = load_experiment(CONFIG, args.preset)
     overrides = {k: v for k, v in {"lr": args.supernet_lr, "epochs": args.supernet_epochs,
@@ -269,14 +294,70 @@ def ranking(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {cache_path} was made with {cache['setup']}, not {setup}; use another --work-dir")
     cache["setup"] = setup
 
-    # Retraining results do not depend on the supernet; supernet scores are kept per supernet recipe.
+    archs = spread_archs(space, args.archs, seed=123)
+    seeds = [cfg.seed + k for k in range(args.retrain_seeds)]
+    rows = cache.setdefault("archs", {})
+    migrate()
+
+    def agreement(scores: dict) -> dict | None:
+        """Kendall tau (and friends) of supernet `scores` against the retrained accuracies; None while incomplete."""
+        if any(a.encode() not in scores or str(seed) not in rows.get(a.encode(), {}).get("retrains", {})
+               for a in archs for seed in seeds):
+            return None
+        # The ground truth is each arch's validation accuracy averaged over the retraining seeds: one 400-step
+        # retraining moves by about as much as neighbouring archs differ, so a single seed caps the tau it can show.
+        runs = [[rows[a.encode()]["retrains"][str(seed)] for seed in seeds] for a in archs]
+        sn = [scores[a.encode()]["val"] for a in archs]
+        rt = [statistics.fmean(r["val"] for r in arch_runs) for arch_runs in runs]
+        rt_test = [statistics.fmean(r["test"] for r in arch_runs) for arch_runs in runs]
+        fl = [rows[a.encode()]["mflops"] for a in archs]
+        result = {
+            "retrain_seeds": seeds,
+            "kendall_tau": float(kendalltau(sn, rt).statistic),
+            "spearman": float(spearmanr(sn, rt).statistic),
+            # The same ranking against the retrained test accuracy (10,000 images, not the 5,000 the supernet is
+            # scored on), and how well the ground truth agrees with itself: its ceiling for tau.
+            "kendall_tau_vs_retrained_test": float(kendalltau(sn, rt_test).statistic),
+            "kendall_tau_retrained_val_vs_test": float(kendalltau(rt, rt_test).statistic),
+            "kendall_tau_flops_vs_retrain": float(kendalltau(fl, rt).statistic),
+            "kendall_tau_flops_vs_supernet": float(kendalltau(fl, sn).statistic),
+        }
+        for k, seed in enumerate(seeds):
+            result[f"kendall_tau_vs_seed{seed}_val"] = float(kendalltau(sn, [r[k]["val"] for r in runs]).statistic)
+        for k in range(1, len(seeds)):  # how much one retraining's ranking moves with its seed
+            result[f"kendall_tau_seed{seeds[k - 1]}_vs_seed{seeds[k]}_val"] = float(
+                kendalltau([r[k - 1]["val"] for r in runs], [r[k]["val"] for r in runs]).statistic)
+        return result
+
+    if args.report:  # every cached supernet against the ground truth of `seeds`; nothing is trained
+        print(f"ground truth: validation accuracy averaged over seeds {seeds}, {args.archs} archs")
+        print("| supernet | sampling | steps | seed | minutes | scores | Kendall τ | Spearman ρ | τ vs test |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, entry in cache.get("supernets", {}).items():
+            result = agreement(entry["scores"])
+            if result is None:
+                print(f"| {label} | (not scored on every arch, or the ground truth is incomplete) |")
+                continue
+            recipe, training = entry["recipe"], entry.get("training", {})
+            vals = [entry["scores"][a.encode()]["val"] for a in archs]
+            print(f"| {label} | {recipe['sampling']} | {training.get('steps', '?')} | {recipe.get('seed', cfg.seed)} "
+                  f"| {training.get('minutes', float('nan')):.1f} | {min(vals):.1%}-{max(vals):.1%} "
+                  f"| {result['kendall_tau']:.2f} | {result['spearman']:.2f} "
+                  f"| {result['kendall_tau_vs_retrained_test']:.2f} |")
+        return
+
+    # Retraining results do not depend on the supernet; supernet scores are kept per supernet recipe. The config's
+    # seed keeps the label the first runs had, from the recipe alone; another seed joins the recipe.
     recipe = dataclasses.asdict(cfg.supernet)
+    supernet_seed = cfg.seed if args.supernet_seed is None else args.supernet_seed
+    if supernet_seed != cfg.seed:
+        recipe["seed"] = supernet_seed
     label = fingerprint(recipe)
     entry = cache.setdefault("supernets", {}).setdefault(label, {"recipe": recipe, "scores": {}})
     start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(supernet_seed)
     supernet = Supernet(space, splits.num_classes)
-    history = train_supernet(supernet, splits, cfg, work / f"supernet-{label}", progress=False)
+    history = train_supernet(supernet, splits, cfg, work / f"supernet-{label}", seed=supernet_seed, progress=False)
     images = sum(h.images_per_s * h.seconds for h in history)
     entry["training"] = {"steps": round(images / cfg.supernet.batch_size),
                          "minutes": sum(h.seconds for h in history) / 60, "last_loss": history[-1].loss,
@@ -285,8 +366,6 @@ def ranking(args: argparse.Namespace) -> None:
     print(f"supernet {label} ({overrides or 'preset'}): {len(history)} epochs, "
           f"{entry['training']['minutes']:.1f} min of training, last loss {history[-1].loss:.3f}", flush=True)
 
-    archs = spread_archs(space, args.archs, seed=123)
-    rows = cache.setdefault("archs", {})
     evaluator = Evaluator(supernet.eval(), splits, cfg.evaluate, seed=cfg.seed)
     for arch in archs:
         code = arch.encode()
@@ -296,40 +375,40 @@ def ranking(args: argparse.Namespace) -> None:
             save()
             print(f"supernet {entry['scores'][code]['val']:.4f} ({evaluator.last_seconds:.1f} s) "
                   f"{rows[code]['mflops']:5.1f} MFLOPs {code}", flush=True)
-    for i, arch in enumerate(archs):
-        row = rows[arch.encode()]
-        if "retrain_val" not in row:
-            result = retrain(space, arch, splits, cfg_short, work / f"retrain_{i:02d}", seed=cfg.seed, progress=False)
-            row.update(retrain_val=result.val_accuracy, retrain_test=result.test_accuracy,
-                       retrain_seconds=result.seconds)
+    for seed in seeds if not args.no_retrain else []:
+        for i, arch in enumerate(archs):
+            save()  # picks up what another process has retrained meanwhile
+            row = rows[arch.encode()]
+            if str(seed) in row.get("retrains", {}):
+                continue
+            # cfg.seed's run directories keep the name they had before there were several seeds
+            run_dir = work / (f"retrain_{i:02d}" if seed == cfg.seed else f"retrain_{i:02d}_seed{seed}")
+            result = retrain(space, arch, splits, cfg_short, run_dir, seed=seed, progress=False)
+            row.setdefault("retrains", {})[str(seed)] = {
+                "val": result.val_accuracy, "test": result.test_accuracy, "seconds": result.seconds}
             save()
-            print(f"retrain {row['retrain_val']:.4f} ({row['retrain_seconds'] / 60:.1f} min) "
+            print(f"retrain seed {seed} {result.val_accuracy:.4f} ({result.seconds / 60:.1f} min) "
                   f"{row['mflops']:5.1f} MFLOPs {arch.encode()}", flush=True)
-
-    table = [rows[a.encode()] for a in archs]
-    sn = [entry["scores"][a.encode()]["val"] for a in archs]
-    rt = [r["retrain_val"] for r in table]
-    rt_test = [r["retrain_test"] for r in table]
-    fl = [r["mflops"] for r in table]
-    entry["result"] = {
-        "kendall_tau": float(kendalltau(sn, rt).statistic),
-        "spearman": float(spearmanr(sn, rt).statistic),
-        # The same ranking against the retrained test accuracy (10,000 images, not the 5,000 the supernet is scored
-        # on), and how well the ground truth agrees with itself: its ceiling for tau.
-        "kendall_tau_vs_retrained_test": float(kendalltau(sn, rt_test).statistic),
-        "kendall_tau_retrained_val_vs_test": float(kendalltau(rt, rt_test).statistic),
-        "kendall_tau_flops_vs_retrain": float(kendalltau(fl, rt).statistic),
-        "kendall_tau_flops_vs_supernet": float(kendalltau(fl, sn).statistic),
-    }
+    save()
+    result = agreement(entry["scores"])
+    if result is None:
+        print(f"scored; the ground truth for seeds {seeds} is not complete yet: run again without --no-retrain")
+        return
+    entry.setdefault("results", {})[",".join(map(str, seeds))] = result
     save()
     print(f"(this call {(time.perf_counter() - start) / 60:.1f} min)")
-    print("| # | MFLOPs | supernet val | retrained val | retrained test | retrain min | arch |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
-    for i, (arch, r, score) in enumerate(zip(archs, table, sn, strict=True)):
-        print(f"| {i} | {r['mflops']:.1f} | {score:.4f} | {r['retrain_val']:.4f} | "
-              f"{r['retrain_test']:.4f} | {r['retrain_seconds'] / 60:.1f} | `{arch.encode()}` |")
-    for key, value in entry["result"].items():
-        print(f"{key}: {value:.3f}")
+    print("| # | MFLOPs | supernet val | retrained val (mean) | " + " | ".join(f"seed {s}" for s in seeds)
+          + " | retrained test (mean) | arch |")
+    print("|---:|---:|---:|---:|" + "---:|" * len(seeds) + "---:|---|")
+    for i, arch in enumerate(archs):
+        row, runs = rows[arch.encode()], [rows[arch.encode()]["retrains"][str(seed)] for seed in seeds]
+        print(f"| {i} | {row['mflops']:.1f} | {entry['scores'][arch.encode()]['val']:.4f} "
+              f"| {statistics.fmean(r['val'] for r in runs):.4f} | "
+              + " | ".join(f"{r['val']:.4f}" for r in runs)
+              + f" | {statistics.fmean(r['test'] for r in runs):.4f} | `{arch.encode()}` |")
+    for key, value in result.items():
+        if key != "retrain_seeds":
+            print(f"{key}: {value:.3f}")
 
 
 def main() -> None:
@@ -344,10 +423,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="throughput, layout: timed blocks per variant")
     parser.add_argument("--archs", type=int, default=10, help="ranking: number of archs")
     parser.add_argument("--retrain-steps", type=int, default=400, help="ranking: steps of the short retraining")
+    parser.add_argument("--retrain-seeds", type=int, default=3,
+                        help="ranking: retrainings per arch (seeds cfg.seed, cfg.seed+1, ...), averaged")
+    parser.add_argument("--report", action="store_true",
+                        help="ranking: tau of every cached supernet against the ground truth; trains nothing")
+    parser.add_argument("--no-retrain", action="store_true",
+                        help="ranking: only train and score the supernet (another process retrains)")
     parser.add_argument("--augment", choices=["on", "off"], default="on", help="ranking: training augmentation")
     parser.add_argument("--supernet-lr", type=float, default=None, help="ranking: override the preset's supernet lr")
     parser.add_argument("--supernet-epochs", type=int, default=None, help="ranking: override supernet epochs")
     parser.add_argument("--supernet-steps", type=int, default=None, help="ranking: override max steps per epoch")
+    parser.add_argument("--supernet-seed", type=int, default=None,
+                        help="ranking: seed of the supernet's weights, loader and sampler (default: the config's)")
     parser.add_argument("--supernet-sampling", choices=["uniform", "sandwich"], default=None,
                         help="ranking: override the supernet's sampling rule")
     parser.add_argument("--vary", default="everything",
