@@ -264,7 +264,7 @@ def ranking(args: argparse.Namespace) -> None:
                     "val": row.pop("retrain_val"), "test": row.pop("retrain_test"),
                     "seconds": row.pop("retrain_seconds")})
 
-    def save() -> None:
+    def sync_cache(*, write: bool) -> None:
         # Two of these processes may share the cache (one retraining, one scoring another supernet): each adds what
         # the other has written since to its own copy, under a lock, so neither loses the other's results.
         with open(work / "ranking.lock", "w") as lock:
@@ -272,9 +272,16 @@ def ranking(args: argparse.Namespace) -> None:
             if cache_path.exists():
                 fill(cache, json.loads(cache_path.read_text()))
             migrate()
-            tmp = cache_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache, indent=1) + "\n")
-            tmp.replace(cache_path)
+            if write:
+                tmp = cache_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(cache, indent=1) + "\n")
+                tmp.replace(cache_path)
+
+    def save() -> None:
+        sync_cache(write=True)
+
+    def refresh() -> None:
+        sync_cache(write=False)
 
     cfg = load_experiment(CONFIG, args.preset)
     overrides = {k: v for k, v in {"lr": args.supernet_lr, "epochs": args.supernet_epochs,
@@ -377,7 +384,7 @@ def ranking(args: argparse.Namespace) -> None:
                   f"{rows[code]['mflops']:5.1f} MFLOPs {code}", flush=True)
     for seed in seeds if not args.no_retrain else []:
         for i, arch in enumerate(archs):
-            save()  # picks up what another process has retrained meanwhile
+            refresh()  # picks up what another process has retrained meanwhile
             row = rows[arch.encode()]
             if str(seed) in row.get("retrains", {}):
                 continue
@@ -389,7 +396,7 @@ def ranking(args: argparse.Namespace) -> None:
             save()
             print(f"retrain seed {seed} {result.val_accuracy:.4f} ({result.seconds / 60:.1f} min) "
                   f"{row['mflops']:5.1f} MFLOPs {arch.encode()}", flush=True)
-    save()
+    refresh()
     result = agreement(entry["scores"])
     if result is None:
         print(f"scored; the ground truth for seeds {seeds} is not complete yet: run again without --no-retrain")
