@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import fcntl
 import json
+import math
 import statistics
 import sys
 import time
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.config import load_experiment  # noqa: E402
 from experiments.data import load_splits  # noqa: E402
 from experiments.evaluate import Evaluator  # noqa: E402
-from experiments.train import retrain, train_supernet  # noqa: E402
+from experiments.train import load_supernet, retrain, train_supernet  # noqa: E402
 from search_space import Arch, SearchSpace, Supernet  # noqa: E402
 
 CONFIG = ROOT / "experiments" / "fashion_mnist.yaml"
@@ -286,7 +287,8 @@ def ranking(args: argparse.Namespace) -> None:
     cfg = load_experiment(CONFIG, args.preset)
     overrides = {k: v for k, v in {"lr": args.supernet_lr, "epochs": args.supernet_epochs,
                                    "max_steps_per_epoch": args.supernet_steps,
-                                   "sampling": args.supernet_sampling}.items() if v is not None}
+                                   "sampling": args.supernet_sampling, "ema_decay": args.supernet_ema}.items()
+                 if v is not None}
     # Augmentation and scoring are pinned (not taken from the preset) so that every cached run of this benchmark is
     # comparable.
     cfg = dataclasses.replace(cfg, supernet=dataclasses.replace(cfg.supernet, **overrides),
@@ -315,6 +317,8 @@ def ranking(args: argparse.Namespace) -> None:
         # retraining moves by about as much as neighbouring archs differ, so a single seed caps the tau it can show.
         runs = [[rows[a.encode()]["retrains"][str(seed)] for seed in seeds] for a in archs]
         sn = [scores[a.encode()]["val"] for a in archs]
+        # The validation loss of the same pass, negated so that higher is better (scores cached before it have none)
+        sn_loss = [-scores[a.encode()].get("loss", math.nan) for a in archs]
         rt = [statistics.fmean(r["val"] for r in arch_runs) for arch_runs in runs]
         rt_test = [statistics.fmean(r["test"] for r in arch_runs) for arch_runs in runs]
         fl = [rows[a.encode()]["mflops"] for a in archs]
@@ -328,6 +332,9 @@ def ranking(args: argparse.Namespace) -> None:
             "kendall_tau_retrained_val_vs_test": float(kendalltau(rt, rt_test).statistic),
             "kendall_tau_flops_vs_retrain": float(kendalltau(fl, rt).statistic),
             "kendall_tau_flops_vs_supernet": float(kendalltau(fl, sn).statistic),
+            # Ranking by the supernet's validation loss instead of its accuracy (the same images and pass).
+            "kendall_tau_loss": float(kendalltau(sn_loss, rt).statistic),
+            "kendall_tau_loss_vs_retrained_test": float(kendalltau(sn_loss, rt_test).statistic),
         }
         for k, seed in enumerate(seeds):
             result[f"kendall_tau_vs_seed{seed}_val"] = float(kendalltau(sn, [r[k]["val"] for r in runs]).statistic)
@@ -336,26 +343,50 @@ def ranking(args: argparse.Namespace) -> None:
                 kendalltau([r[k - 1]["val"] for r in runs], [r[k]["val"] for r in runs]).statistic)
         return result
 
-    if args.report:  # every cached supernet against the ground truth of `seeds`; nothing is trained
+    if args.rescore:  # cached supernets scored before the loss was recorded: score them again from their checkpoints
+        for label, entry in list(cache.get("supernets", {}).items()):  # save() may add others
+            missing = [a for a in archs if "loss" not in entry["scores"].get(a.encode(), {})]
+            checkpoint = work / f"supernet-{label}" / "supernet.pt"
+            if not missing or not checkpoint.exists():
+                continue
+            evaluator = Evaluator(load_supernet(checkpoint), splits, cfg.evaluate, seed=cfg.seed)
+            for arch in missing:
+                evaluator.evaluate(arch)
+                entry["scores"][arch.encode()] = {"val": evaluator.last.accuracy, "loss": evaluator.last.loss,
+                                                  "seconds": evaluator.last.seconds}
+                save()
+            print(f"rescored {len(missing)} archs of supernet {label}", flush=True)
+
+    if args.report or args.rescore:  # every cached supernet against the ground truth of `seeds`; nothing is trained
         print(f"ground truth: validation accuracy averaged over seeds {seeds}, {args.archs} archs")
-        print("| supernet | sampling | steps | seed | minutes | scores | Kendall τ | Spearman ρ | τ vs test |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        for label, entry in cache.get("supernets", {}).items():
+        print("| supernet | sampling | steps | EMA | seed | minutes | scores | Kendall τ | Spearman ρ | τ vs test "
+              "| τ by loss |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        taus: dict[str, list[float]] = {"kendall_tau": [], "kendall_tau_loss": []}
+        for label, entry in list(cache.get("supernets", {}).items()):
             result = agreement(entry["scores"])
             if result is None:
                 print(f"| {label} | (not scored on every arch, or the ground truth is incomplete) |")
                 continue
             recipe, training = entry["recipe"], entry.get("training", {})
             vals = [entry["scores"][a.encode()]["val"] for a in archs]
-            print(f"| {label} | {recipe['sampling']} | {training.get('steps', '?')} | {recipe.get('seed', cfg.seed)} "
+            for key, values in taus.items():
+                values.append(result[key])
+            print(f"| {label} | {recipe['sampling']} | {training.get('steps', '?')} | {recipe.get('ema_decay') or '-'} "
+                  f"| {recipe.get('seed', cfg.seed)} "
                   f"| {training.get('minutes', float('nan')):.1f} | {min(vals):.1%}-{max(vals):.1%} "
                   f"| {result['kendall_tau']:.2f} | {result['spearman']:.2f} "
-                  f"| {result['kendall_tau_vs_retrained_test']:.2f} |")
+                  f"| {result['kendall_tau_vs_retrained_test']:.2f} | {result['kendall_tau_loss']:.2f} |")
+        if taus["kendall_tau"]:
+            pairs = list(zip(taus["kendall_tau"], taus["kendall_tau_loss"], strict=True))
+            print(f"mean over {len(pairs)} supernets: τ {statistics.fmean(taus['kendall_tau']):.2f} by accuracy, "
+                  f"{statistics.fmean(taus['kendall_tau_loss']):.2f} by loss (loss higher in "
+                  f"{sum(b > a for a, b in pairs)}, lower in {sum(b < a for a, b in pairs)})")
         return
 
     # Retraining results do not depend on the supernet; supernet scores are kept per supernet recipe. The config's
     # seed keeps the label the first runs had, from the recipe alone; another seed joins the recipe.
-    recipe = dataclasses.asdict(cfg.supernet)
+    recipe = cfg.supernet.identity()
     supernet_seed = cfg.seed if args.supernet_seed is None else args.supernet_seed
     if supernet_seed != cfg.seed:
         recipe["seed"] = supernet_seed
@@ -377,10 +408,13 @@ def ranking(args: argparse.Namespace) -> None:
     for arch in archs:
         code = arch.encode()
         rows.setdefault(code, {"mflops": space.cost(arch, 10).mflops})
-        if code not in entry["scores"]:
-            entry["scores"][code] = {"val": evaluator.evaluate(arch), "seconds": evaluator.last_seconds}
+        if "loss" not in entry["scores"].get(code, {}):
+            evaluator.evaluate(arch)
+            entry["scores"][code] = {"val": evaluator.last.accuracy, "loss": evaluator.last.loss,
+                                     "seconds": evaluator.last.seconds}
             save()
-            print(f"supernet {entry['scores'][code]['val']:.4f} ({evaluator.last_seconds:.1f} s) "
+            print(f"supernet {entry['scores'][code]['val']:.4f} loss {entry['scores'][code]['loss']:.4f} "
+                  f"({evaluator.last_seconds:.1f} s) "
                   f"{rows[code]['mflops']:5.1f} MFLOPs {code}", flush=True)
     for seed in seeds if not args.no_retrain else []:
         for i, arch in enumerate(archs):
@@ -434,12 +468,17 @@ def main() -> None:
                         help="ranking: retrainings per arch (seeds cfg.seed, cfg.seed+1, ...), averaged")
     parser.add_argument("--report", action="store_true",
                         help="ranking: tau of every cached supernet against the ground truth; trains nothing")
+    parser.add_argument("--rescore", action="store_true",
+                        help="ranking: score cached supernets whose scores lack the loss (from their checkpoints), "
+                             "then --report")
     parser.add_argument("--no-retrain", action="store_true",
                         help="ranking: only train and score the supernet (another process retrains)")
     parser.add_argument("--augment", choices=["on", "off"], default="on", help="ranking: training augmentation")
     parser.add_argument("--supernet-lr", type=float, default=None, help="ranking: override the preset's supernet lr")
     parser.add_argument("--supernet-epochs", type=int, default=None, help="ranking: override supernet epochs")
     parser.add_argument("--supernet-steps", type=int, default=None, help="ranking: override max steps per epoch")
+    parser.add_argument("--supernet-ema", type=float, default=None,
+                        help="ranking: score with an average of the supernet's weights of this decay (ema_decay)")
     parser.add_argument("--supernet-seed", type=int, default=None,
                         help="ranking: seed of the supernet's weights, loader and sampler (default: the config's)")
     parser.add_argument("--supernet-sampling", choices=["uniform", "sandwich"], default=None,

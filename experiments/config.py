@@ -100,6 +100,8 @@ class SupernetConfig(TrainRecipe):
     sampling: str = "uniform"  # "uniform": one random arch per step (SPOS); "sandwich": largest, smallest and randoms
     sandwich_random: int = 2  # sandwich only: random archs per step besides the largest and the smallest
     distill: bool = True  # sandwich only: the smaller archs learn the largest's (detached) soft predictions
+    ema_decay: float | None = None  # candidates are scored with an exponential moving average of the weights, updated
+    #                                 every step with this decay (warmed up as min(decay, (1+t)/(10+t))); None = off
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +109,16 @@ class SupernetConfig(TrainRecipe):
             raise ValueError(f"supernet.sampling: {self.sampling!r} is not one of {list(SAMPLING)}")
         if self.sandwich_random < 0:
             raise ValueError(f"supernet.sandwich_random: expected >= 0, got {self.sandwich_random}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"supernet.ema_decay: expected None or 0 < ema_decay < 1, got {self.ema_decay}")
+
+    def identity(self) -> dict[str, Any]:
+        """The recipe as plain data for run-directory fingerprints. `ema_decay` came later: left out while it is off,
+        so that supernet runs made before it existed still resume."""
+        recipe = dataclasses.asdict(self)
+        if recipe["ema_decay"] is None:
+            del recipe["ema_decay"]
+        return recipe
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from experiments.config import ConfigError, EvaluateConfig, load_experiment
@@ -77,15 +78,25 @@ def recalibrate_bn(model: nn.Module, batches: Batches, arch: Arch | None = None)
 @torch.no_grad()
 def accuracy(model: nn.Module, batches: Batches) -> float:
     """Top-1 accuracy in [0, 1] of `model` (put in eval mode) over `batches`."""
+    return accuracy_and_loss(model, batches)[0]
+
+
+@torch.no_grad()
+def accuracy_and_loss(model: nn.Module, batches: Batches) -> tuple[float, float]:
+    """Top-1 accuracy in [0, 1] and mean cross-entropy (no label smoothing) of `model` (put in eval mode) over
+    `batches`, from one forward pass."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64)
+    loss = torch.zeros((), dtype=torch.float64)
     total = 0
     for images, labels in batches:
-        correct += (model(images).argmax(1) == labels).sum().cpu()
+        logits = model(images).float()
+        correct += (logits.argmax(1) == labels).sum().cpu()
+        loss += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
         total += len(labels)
     if total == 0:
         raise ValueError("accuracy: no images")
-    return int(correct) / total
+    return int(correct) / total, float(loss) / total
 
 
 def calibration_batches(
@@ -108,6 +119,7 @@ class EvalRecord:
 
     arch: str  # arch code
     accuracy: float  # validation accuracy in [0, 1] after recalibration
+    loss: float  # mean validation cross-entropy: it ranked archs closer to retraining than accuracy (BENCHMARKS.md)
     seconds: float  # wall time of the whole evaluation: extraction, recalibration and scoring
 
 
@@ -151,18 +163,23 @@ class Evaluator:
     def evaluate(self, arch: Arch) -> float:
         """Validation accuracy in [0, 1] of `arch` with the shared weights, after BatchNorm recalibration."""
         start = time.perf_counter()
-        acc = accuracy(self.model(arch), self._val)
-        record = EvalRecord(arch=arch.encode(), accuracy=acc, seconds=time.perf_counter() - start)
+        acc, loss = accuracy_and_loss(self.model(arch), self._val)
+        record = EvalRecord(arch=arch.encode(), accuracy=acc, loss=loss, seconds=time.perf_counter() - start)
         with self._lock:
             self.records.append(record)
         return acc
 
     @property
-    def last_seconds(self) -> float:
-        """Seconds the most recent evaluation took."""
+    def last(self) -> EvalRecord:
+        """The most recent evaluation (accuracy, loss, seconds); from one thread, the one it just made."""
         if not self.records:
             raise ValueError("Evaluator: nothing evaluated yet")
-        return self.records[-1].seconds
+        return self.records[-1]
+
+    @property
+    def last_seconds(self) -> float:
+        """Seconds the most recent evaluation took."""
+        return self.last.seconds
 
     @property
     def mean_seconds(self) -> float:
@@ -199,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         acc = evaluator.evaluate(arch)
         cost = supernet.space.cost(arch, supernet.num_classes)
-        print(f"{acc:.4f}  {evaluator.last_seconds:6.1f} s  {cost.mflops:7.1f} MFLOPs  {arch.encode()}")
+        print(f"{acc:.4f}  loss {evaluator.last.loss:.4f}  {evaluator.last_seconds:6.1f} s  {cost.mflops:7.1f} MFLOPs"
+              f"  {arch.encode()}")
     return 0
 
 

@@ -10,6 +10,8 @@ Supernet sampling (every process draws the same archs: the arch generator is see
   - uniform: one random arch per step, every choice uniform (Single Path One-Shot);
   - sandwich: the largest, the smallest and `sandwich_random` random archs per step, gradients summed (BigNAS); with
     `distill`, the largest learns from the labels and the others from its detached soft predictions.
+With `ema_decay`, an exponential moving average of the weights is kept beside them (and checkpointed); the trained
+supernet holds the average at the end, and candidates are scored with it.
 
 Command line (the same under `torchrun --nproc_per_node=N -m experiments.train ...` for data-parallel training)::
 
@@ -118,7 +120,8 @@ def train_supernet(
             an earlier call are not reported again).
 
     Returns:
-        One `EpochStats` per completed epoch, resumed ones included.
+        One `EpochStats` per completed epoch, resumed ones included. With `cfg.supernet.ema_decay`, `supernet` then
+        holds the averaged weights (what candidates are scored with; RUN_DIR/supernet.pt keeps both).
 
     Raises:
         RunDirError: RUN_DIR holds a checkpoint of a different configuration.
@@ -129,7 +132,7 @@ def train_supernet(
         "space": space_to_dict(supernet.space),
         "num_classes": supernet.num_classes,
         "data": _data_identity(cfg.data),
-        "recipe": dataclasses.asdict(cfg.supernet),
+        "recipe": cfg.supernet.identity(),
         "seed": seed,
     }
     loop = _SupernetLoop(
@@ -137,6 +140,8 @@ def train_supernet(
         ctx or DistContext(),
     )
     history = loop.run(stop_after, on_epoch)
+    if loop.ema is not None:
+        loop.ema.copy_to(supernet)
     if loop.ctx.is_main:
         _write_json(Path(run_dir) / "supernet.json", {"identity": identity, "history": _plain(history)})
     return history
@@ -241,7 +246,9 @@ def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Super
     ckpt = _load(Path(path), "supernet")
     space = SearchSpace.from_dict(ckpt["identity"]["space"])
     supernet = Supernet(space, ckpt["identity"]["num_classes"])
-    _load_weights(supernet, ckpt["model"], Path(path))
+    # With supernet.ema_decay the averaged weights are the ones candidates are scored with.
+    weights = ckpt["model"] if "ema" not in ckpt else {**ckpt["model"], **ckpt["ema"]["params"]}
+    _load_weights(supernet, weights, Path(path))
     return supernet.to(device).eval()
 
 
@@ -300,6 +307,45 @@ def parse_arch(space: SearchSpace, text: str) -> Arch:
     arch = space.reference(text) if text.startswith("shufflenet_v2_") else Arch.decode(text)
     space.validate(arch)
     return arch
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters, updated after every optimiser step.
+
+    The shared weights end wherever the last steps, and the last archs sampled, left them; the average spreads that
+    over the recent past (BigNAS and OFA score with one). The decay warms up as min(decay, (1 + t) / (10 + t)) after t
+    updates (as TensorFlow's ExponentialMovingAverage with num_updates), so the random initialisation fades within
+    the first steps. Buffers are not averaged: candidates get their BatchNorm statistics re-estimated anyway.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.params = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in model.named_parameters():
+            self.params[name].lerp_(p.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's parameters with the averaged ones."""
+        for name, p in model.named_parameters():
+            p.copy_(self.params[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "params": self.params}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["params"].keys() != self.params.keys():
+            raise RunDirError("the checkpoint's weight average does not match the model's parameters")
+        self.updates = state["updates"]
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
 
 
 # ---- the training loop --------------------------------------------------------------------------------------------
@@ -369,6 +415,9 @@ class _Loop:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def after_step(self) -> None:
+        pass
+
     def after_epoch(self) -> dict[str, Any]:
         return {}
 
@@ -408,6 +457,7 @@ class _Loop:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            self.after_step()
             with torch.no_grad():
                 sums[0] += loss.double() * len(labels)
                 sums[1] += (logits.argmax(1) == labels).sum()
@@ -545,7 +595,10 @@ class _SupernetLoop(_Loop):
         self.sn = cfg.supernet
         self.rng = np.random.default_rng([seed, _ARCH_STREAM])  # identical on every rank: same arch sequence
         self.largest, self.smallest = self.space.largest(), self.space.smallest()
+        self.ema: WeightAverage | None = None  # set here, or by load_extra_state when a checkpoint is resumed
         super().__init__(supernet, cfg.supernet, cfg, splits, identity, run_dir, seed, device, progress, ctx)
+        if self.sn.ema_decay is not None and self.ema is None:
+            self.ema = WeightAverage(self.model, self.sn.ema_decay)
 
     def archs(self) -> list[Arch]:
         if self.sn.sampling == "uniform":
@@ -570,11 +623,21 @@ class _SupernetLoop(_Loop):
             self.scaler.scale(other_loss).backward()
         return loss.detach(), logits.detach()
 
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+
     def extra_state(self) -> dict[str, Any]:
-        return {"arch_rng": self.rng.bit_generator.state}
+        state: dict[str, Any] = {"arch_rng": self.rng.bit_generator.state}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["arch_rng"]
+        if self.sn.ema_decay is not None:  # the fingerprint matched, so the checkpoint holds the average too
+            self.ema = WeightAverage(self.model, self.sn.ema_decay)
+            self.ema.load_state_dict(state["ema"])
 
 
 class _RetrainLoop(_Loop):

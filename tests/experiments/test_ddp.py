@@ -39,7 +39,7 @@ def worker(rank: int, world_size: int, port: int, out: str) -> None:
         cfg = load_experiment(SYNTHETIC, "sandwich")  # several backward passes per step: the hard case for DDP
         cfg = dataclasses.replace(
             cfg,
-            supernet=dataclasses.replace(cfg.supernet, epochs=2),
+            supernet=dataclasses.replace(cfg.supernet, epochs=2, ema_decay=0.9),  # the average, too, on every rank
             retrain=dataclasses.replace(cfg.retrain, epochs=1),
         )
         splits = load_splits(cfg.data, cfg.seed)
@@ -72,10 +72,11 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
     assert ranks[0]["losses"] == ranks[1]["losses"]
     assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]
     assert ranks[0]["accuracies"] == ranks[1]["accuracies"]
-    # Only rank 0 writes; what it wrote is what both hold.
+    # Only rank 0 writes; what it wrote is what both hold (the averaged weights, the trained buffers).
     saved = torch.load(tmp_path / "sn" / SUPERNET_CHECKPOINT, weights_only=True)
     assert saved["world_size"] == 2
-    assert all(torch.equal(saved["model"][k], v) for k, v in ranks[0]["supernet"].items())
+    written = {**saved["model"], **saved["ema"]["params"]}
+    assert all(torch.equal(written[k], v) for k, v in ranks[0]["supernet"].items())
     assert (tmp_path / "rt" / MODEL_FILE).exists()
     # Rank 0's initial weights won: the run differs from one that started from rank 1's.
     torch.manual_seed(101)

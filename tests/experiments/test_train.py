@@ -15,6 +15,7 @@ from experiments.train import (
     RETRAIN_CHECKPOINT,
     SUPERNET_CHECKPOINT,
     RunDirError,
+    WeightAverage,
     cosine_factor,
     load_model,
     load_supernet,
@@ -150,6 +151,51 @@ def test_resume_after_a_crash_mid_epoch_matches_an_uninterrupted_run(space, spli
     resumed = fresh_supernet(space)
     train_supernet(resumed, splits, sandwich, tmp_path / "b", progress=False)
     assert_same_state(straight.state_dict(), resumed.state_dict())
+
+
+def test_the_weight_average_resumes_bitwise_and_is_what_candidates_are_scored_with(space, splits, cfg, tmp_path):
+    averaged = with_epochs(cfg, 2, ema_decay=0.9)
+    straight = fresh_supernet(space)
+    train_supernet(straight, splits, averaged, tmp_path / "a", progress=False)
+    first = fresh_supernet(space)
+    train_supernet(first, splits, averaged, tmp_path / "b", progress=False, stop_after=1)
+    resumed = fresh_supernet(space, seed=123)
+    train_supernet(resumed, splits, averaged, tmp_path / "b", progress=False)
+    assert_same_state(straight.state_dict(), resumed.state_dict())
+
+    ckpt = torch.load(tmp_path / "a" / SUPERNET_CHECKPOINT, weights_only=True)
+    assert ckpt["ema"]["updates"] == ckpt["scheduler"]["last_epoch"] > 0  # one update per optimiser step
+    # The trained object and load_supernet both hold the average, which is not the last step's weights.
+    loaded = load_supernet(tmp_path / "a" / SUPERNET_CHECKPOINT)
+    assert_same_state(loaded.state_dict(), straight.state_dict())
+    for name, p in straight.named_parameters():
+        assert torch.equal(p, ckpt["ema"]["params"][name])
+    assert not torch.equal(ckpt["model"]["conv1.0.weight"], ckpt["ema"]["params"]["conv1.0.weight"])
+    # Buffers are the trained ones: BatchNorm statistics are re-estimated per candidate anyway.
+    assert torch.equal(ckpt["model"]["conv1.1.running_mean"], straight.state_dict()["conv1.1.running_mean"])
+
+
+def test_the_weight_average_warms_up_its_decay():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average = WeightAverage(model, decay=0.99)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    average.update(model)  # decay min(0.99, 2/11): the initial weights fade fast
+    assert average.params["weight"] == pytest.approx(torch.full((1, 2), 1.0 * 2 / 11 + 3.0 * 9 / 11))
+    for _ in range(2000):
+        average.update(model)
+    assert average.decay == 0.99 and average.params["weight"] == pytest.approx(torch.full((1, 2), 3.0))
+
+
+def test_runs_without_the_weight_average_keep_the_fingerprint_they_had_before_it(space, splits, cfg, tmp_path):
+    assert "ema_decay" not in cfg.supernet.identity()
+    assert dataclasses.replace(cfg.supernet, ema_decay=0.99).identity()["ema_decay"] == 0.99
+    train_supernet(fresh_supernet(space), splits, with_epochs(cfg, 1), tmp_path, progress=False)
+    averaged = with_epochs(cfg, 1, ema_decay=0.99)
+    with pytest.raises(RunDirError, match=r"recipe\.ema_decay"):
+        train_supernet(fresh_supernet(space), splits, averaged, tmp_path, progress=False)
 
 
 def test_a_finished_run_is_not_trained_again(space, splits, cfg, tmp_path):

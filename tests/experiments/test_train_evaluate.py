@@ -95,6 +95,12 @@ def test_evaluator_score_is_the_calibrated_plain_network_accuracy(supernet, spac
 
     val = make_loader(splits.val, batch_size=64, shuffle=False, augment=False, seed=0)
     assert evaluator.evaluate(arch) == accuracy(plain, val)
+    # The loss comes from the same forward pass: the plain network's mean cross-entropy over the whole split.
+    images, labels = map(torch.cat, zip(*val, strict=True))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(plain(images), labels).item()
+    assert evaluator.last.loss == pytest.approx(expected, rel=1e-5)
+    assert evaluator.last.accuracy == evaluator.records[-1].accuracy
 
 
 def test_evaluator_is_safe_from_several_threads(supernet, space, splits, cfg):
