@@ -9,12 +9,14 @@
         experiments/train.py trains channels_last on the CPU too.
     python benchmarks/bench_training.py accuracy --preset quick [--threads 2]
         Retrains the reference arch (shufflenet_v2_x0_5) with the preset's recipe; records time and accuracy.
-    python benchmarks/bench_training.py ranking [--threads 1] [--retrain-seeds 3] [--no-retrain | --report]
-        Kendall tau between the supernet's score (BN recalibrated, validation accuracy) and the validation accuracy
-        of the same archs retrained alone for a short equal budget (averaged over --retrain-seeds seeds), over archs
-        spread over the space's FLOPs range. Every finished piece is cached under --work-dir (a JSON file plus
-        resumable run directories), so rerunning the command after a kill continues where it stopped. Two processes
-        may share the cache: one with --no-retrain training and scoring another supernet while the other retrains.
+    python benchmarks/bench_training.py ranking [--threads 1] [--retrain-seeds 3] [--no-retrain | --report |
+            --rescore]
+        Kendall tau between the supernet's score (BN recalibrated, validation accuracy; validation loss too) and the
+        validation accuracy of the same archs retrained alone for a short equal budget (averaged over
+        --retrain-seeds seeds), over archs spread over the space's FLOPs range. Every finished piece is cached under
+        --work-dir (a JSON file plus resumable run directories), so rerunning the command after a kill continues
+        where it stopped. Two processes may share the cache: one with --no-retrain training and scoring another
+        supernet while the other retrains, or both retraining (each claims an arch, under a lock, before it starts).
     python benchmarks/bench_training.py sharing --vary widths --lr 0.1 --steps 120
         Whether weight sharing learns: the supernet's training loss when only some dimensions of the arch are drawn
         per step (the others stay at the largest arch's), first 20 steps against the last 30.
@@ -424,10 +426,18 @@ def ranking(args: argparse.Namespace) -> None:
                 continue
             # cfg.seed's run directories keep the name they had before there were several seeds
             run_dir = work / (f"retrain_{i:02d}" if seed == cfg.seed else f"retrain_{i:02d}_seed{seed}")
-            result = retrain(space, arch, splits, cfg_short, run_dir, seed=seed, progress=False)
-            row.setdefault("retrains", {})[str(seed)] = {
-                "val": result.val_accuracy, "test": result.test_accuracy, "seconds": result.seconds}
-            save()
+            with open(work / f"{run_dir.name}.lock", "w") as claim:
+                try:  # two processes retraining at once take turns by arch: each skips what the other holds
+                    fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                refresh()
+                if str(seed) in row.get("retrains", {}):
+                    continue
+                result = retrain(space, arch, splits, cfg_short, run_dir, seed=seed, progress=False)
+                row.setdefault("retrains", {})[str(seed)] = {
+                    "val": result.val_accuracy, "test": result.test_accuracy, "seconds": result.seconds}
+                save()  # before the claim is let go
             print(f"retrain seed {seed} {result.val_accuracy:.4f} ({result.seconds / 60:.1f} min) "
                   f"{row['mflops']:5.1f} MFLOPs {arch.encode()}", flush=True)
     refresh()
