@@ -51,6 +51,7 @@ from experiments.data import load_splits  # noqa: E402
 from experiments.evaluate import Evaluator  # noqa: E402
 from experiments.train import load_supernet, retrain, train_supernet  # noqa: E402
 from search_space import Arch, SearchSpace, Supernet  # noqa: E402
+from search_space.files import atomic_write  # noqa: E402
 
 CONFIG = ROOT / "experiments" / "fashion_mnist.yaml"
 
@@ -276,15 +277,21 @@ def ranking(args: argparse.Namespace) -> None:
                 fill(cache, json.loads(cache_path.read_text()))
             migrate()
             if write:
-                tmp = cache_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cache, indent=1) + "\n")
-                tmp.replace(cache_path)
+                atomic_write(cache_path, lambda f: f.write(json.dumps(cache, indent=1) + "\n"))
 
     def save() -> None:
         sync_cache(write=True)
 
     def refresh() -> None:
         sync_cache(write=False)
+
+    def score(entry: dict, evaluator: Evaluator, arch: Arch) -> dict:
+        """Score `arch` into the supernet's cache `entry` and save it."""
+        evaluator.evaluate(arch)
+        record = evaluator.last
+        entry["scores"][arch.encode()] = {"val": record.accuracy, "loss": record.loss, "seconds": record.seconds}
+        save()
+        return entry["scores"][arch.encode()]
 
     cfg = load_experiment(CONFIG, args.preset)
     overrides = {k: v for k, v in {"lr": args.supernet_lr, "epochs": args.supernet_epochs,
@@ -353,10 +360,7 @@ def ranking(args: argparse.Namespace) -> None:
                 continue
             evaluator = Evaluator(load_supernet(checkpoint), splits, cfg.evaluate, seed=cfg.seed)
             for arch in missing:
-                evaluator.evaluate(arch)
-                entry["scores"][arch.encode()] = {"val": evaluator.last.accuracy, "loss": evaluator.last.loss,
-                                                  "seconds": evaluator.last.seconds}
-                save()
+                score(entry, evaluator, arch)
             print(f"rescored {len(missing)} archs of supernet {label}", flush=True)
 
     if args.report or args.rescore:  # every cached supernet against the ground truth of `seeds`; nothing is trained
@@ -411,16 +415,11 @@ def ranking(args: argparse.Namespace) -> None:
         code = arch.encode()
         rows.setdefault(code, {"mflops": space.cost(arch, 10).mflops})
         if "loss" not in entry["scores"].get(code, {}):
-            evaluator.evaluate(arch)
-            entry["scores"][code] = {"val": evaluator.last.accuracy, "loss": evaluator.last.loss,
-                                     "seconds": evaluator.last.seconds}
-            save()
-            print(f"supernet {entry['scores'][code]['val']:.4f} loss {entry['scores'][code]['loss']:.4f} "
-                  f"({evaluator.last_seconds:.1f} s) "
+            scored = score(entry, evaluator, arch)
+            print(f"supernet {scored['val']:.4f} loss {scored['loss']:.4f} ({scored['seconds']:.1f} s) "
                   f"{rows[code]['mflops']:5.1f} MFLOPs {code}", flush=True)
     for seed in seeds if not args.no_retrain else []:
         for i, arch in enumerate(archs):
-            refresh()  # picks up what another process has retrained meanwhile
             row = rows[arch.encode()]
             if str(seed) in row.get("retrains", {}):
                 continue
@@ -431,7 +430,7 @@ def ranking(args: argparse.Namespace) -> None:
                     fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
-                refresh()
+                refresh()  # picks up what another process has retrained meanwhile
                 if str(seed) in row.get("retrains", {}):
                     continue
                 result = retrain(space, arch, splits, cfg_short, run_dir, seed=seed, progress=False)
