@@ -220,14 +220,11 @@ def latency_table(run: Run, space, num_classes: int):
 # ---- 3.-4. supernet and search ------------------------------------------------------------------------------------
 
 
-def train_or_load_supernet(run: Run, space, splits):
-    from experiments.train import train_supernet
-    from search_space import Supernet
+def train_or_load_supernets(run: Run, space, splits):
+    """The recipe's `supernet.replicas` trained supernets (a finished one is loaded from its checkpoint)."""
+    from experiments.train import train_supernets
 
-    torch.manual_seed(run.cfg.seed)
-    supernet = Supernet(space, splits.num_classes)
-    train_supernet(supernet, splits, run.cfg, run.run_dir / "supernet", device=run.device)
-    return supernet.eval()
+    return train_supernets(space, splits, run.cfg, run.run_dir / "supernet", device=run.device)
 
 
 def make_searcher(run: Run, space, table, evaluator, target_ms: float, study_name: str, num_classes: int):
@@ -246,8 +243,12 @@ def make_searcher(run: Run, space, table, evaluator, target_ms: float, study_nam
             trainer = ScratchTrainerFactory(source, run.cfg.preset, seed=run.cfg.seed, device=run.device)
             return RaySearcher(space, table, target_ms, trainer_factory=trainer, mode="asha",
                                asha_epochs=cfg.asha_epochs, asha_grace=cfg.asha_grace, **resources, **common)
-        factory = SupernetEvaluatorFactory(source, run.cfg.preset, str(run.run_dir / "supernet" / "supernet.pt"),
-                                           seed=run.cfg.seed, device=run.device)
+        from experiments.train import SUPERNET_CHECKPOINT, replica_dir
+
+        first, *others = [str(replica_dir(run.run_dir / "supernet", k) / SUPERNET_CHECKPOINT)
+                          for k in range(run.cfg.supernet.replicas)]
+        factory = SupernetEvaluatorFactory(source, run.cfg.preset, first, seed=run.cfg.seed, device=run.device,
+                                           replica_checkpoints=tuple(others))
         return RaySearcher(space, table, target_ms, evaluator_factory=factory, **resources, **common)
     if cfg.searcher != "optuna":
         raise UsageError(f"search.searcher {cfg.searcher!r}: expected optuna or ray")
@@ -424,16 +425,19 @@ def run_job(args: argparse.Namespace) -> Path:
     if asha:  # candidates are trained from scratch: no supernet to train
         run.notes.append(f"Ray Tune with ASHA: each candidate trained from scratch for up to "
                          f"{cfg.search.asha_epochs} epoch(s); no supernet")
-        supernet = None
+        supernets = None
     else:
-        supernet = run.step("supernet", 3, total, lambda: train_or_load_supernet(run, space, splits))
+        supernets = run.step("supernet", 3, total, lambda: train_or_load_supernets(run, space, splits))
+        if len(supernets) > 1:
+            run.notes.append(f"each candidate scored by the mean of {len(supernets)} supernet replicas (seeds "
+                             f"{cfg.seed}-{cfg.seed + len(supernets) - 1})")
     table, calibration = run.step("calibrate", 4, total, lambda: calibrate_now(
         run, space, table, settings, splits.num_classes, binds=not notice))
     if calibration["archs"]:
         run.notes.append(f"{len(calibration['archs'])} archs near the target measured at least "
                          f"{calibration['ratio']:.3f}x their table prediction in this run; the search used "
                          f"predictions rescaled by that")
-    evaluator = None if asha else Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed, device=run.device)
+    evaluator = None if asha else Evaluator(supernets, splits, cfg.evaluate, seed=cfg.seed, device=run.device)
 
     # The table predicts, the device decides: if no candidate measures within the target, search again with the
     # table's target lowered by the typical prediction error seen (a margin learned from the measurements).

@@ -17,6 +17,8 @@
         --work-dir (a JSON file plus resumable run directories), so rerunning the command after a kill continues
         where it stopped. Two processes may share the cache: one with --no-retrain training and scoring another
         supernet while the other retrains, or both retraining (each claims an arch, under a lock, before it starts).
+        --report also prints the consensus of all cached supernets (their standardised scores averaged: what they
+        agree on) and, for recipes cached with seeds s and s+1, the τ of `supernet.replicas: 2` (their mean score).
     python benchmarks/bench_training.py sharing --vary widths --lr 0.1 --steps 120
         Whether weight sharing learns: the supernet's training loss when only some dimensions of the arch are drawn
         per step (the others stay at the largest arch's), first 20 steps against the last 30.
@@ -363,12 +365,43 @@ def ranking(args: argparse.Namespace) -> None:
                 score(entry, evaluator, arch)
             print(f"rescored {len(missing)} archs of supernet {label}", flush=True)
 
+    def replica_pairs(truth: list[float]) -> None:
+        """τ of `supernet.replicas: 2`: the mean score of two cached supernets of one recipe with seeds s and s+1 (s
+        even, so that the pairs are disjoint), which is what the Evaluator computes from two replicas (the same
+        calibration and validation images)."""
+        by_recipe: dict[str, dict[int, dict]] = {}
+        for entry in cache.get("supernets", {}).values():
+            if agreement(entry["scores"]) is None:
+                continue
+            recipe = {k: v for k, v in entry["recipe"].items() if k != "seed"}
+            key = json.dumps(recipe, sort_keys=True)
+            by_recipe.setdefault(key, {})[entry["recipe"].get("seed", cfg.seed)] = entry
+        rows_out = []
+        for key, entries in by_recipe.items():
+            for s in sorted(entries):
+                if s % 2 or s + 1 not in entries:
+                    continue
+                pair = (entries[s], entries[s + 1])
+                val = [statistics.fmean(e["scores"][a.encode()]["val"] for e in pair) for a in archs]
+                loss = [-statistics.fmean(e["scores"][a.encode()]["loss"] for e in pair) for a in archs]
+                recipe, steps = json.loads(key), pair[0].get("training", {}).get("steps", "?")
+                rows_out.append((recipe["sampling"], steps, recipe.get("ema_decay") or "-", f"{s}, {s + 1}",
+                                 float(kendalltau(val, truth).statistic), float(kendalltau(loss, truth).statistic)))
+        if not rows_out:
+            return
+        print("\nreplicas: 2 (two supernets of one recipe, seeds s and s+1, scored by their mean)")
+        print("| sampling | steps | EMA | seeds | Kendall τ | τ by loss |")
+        print("|---|---:|---:|---|---:|---:|")
+        for sampling, steps, ema, pair_seeds, tau, tau_loss in rows_out:
+            print(f"| {sampling} | {steps} | {ema} | {pair_seeds} | {tau:.2f} | {tau_loss:.2f} |")
+
     if args.report or args.rescore:  # every cached supernet against the ground truth of `seeds`; nothing is trained
         print(f"ground truth: validation accuracy averaged over seeds {seeds}, {args.archs} archs")
         print("| supernet | sampling | steps | EMA | seed | minutes | scores | Kendall τ | Spearman ρ | τ vs test "
               "| τ by loss |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         taus: dict[str, list[float]] = {"kendall_tau": [], "kendall_tau_loss": []}
+        standardized: dict[str, list[np.ndarray]] = {"val": [], "loss": []}  # each supernet's z-scores over the archs
         for label, entry in list(cache.get("supernets", {}).items()):
             result = agreement(entry["scores"])
             if result is None:
@@ -378,6 +411,9 @@ def ranking(args: argparse.Namespace) -> None:
             vals = [entry["scores"][a.encode()]["val"] for a in archs]
             for key, values in taus.items():
                 values.append(result[key])
+            for key, sign in (("val", 1), ("loss", -1)):
+                z = np.array([sign * entry["scores"][a.encode()][key] for a in archs])
+                standardized[key].append((z - z.mean()) / z.std())
             print(f"| {label} | {recipe['sampling']} | {training.get('steps', '?')} | {recipe.get('ema_decay') or '-'} "
                   f"| {recipe.get('seed', cfg.seed)} "
                   f"| {training.get('minutes', float('nan')):.1f} | {min(vals):.1%}-{max(vals):.1%} "
@@ -388,6 +424,13 @@ def ranking(args: argparse.Namespace) -> None:
             print(f"mean over {len(pairs)} supernets: τ {statistics.fmean(taus['kendall_tau']):.2f} by accuracy, "
                   f"{statistics.fmean(taus['kendall_tau_loss']):.2f} by loss (loss higher in "
                   f"{sum(b > a for a, b in pairs)}, lower in {sum(b < a for a, b in pairs)})")
+            # What all of them agree on: if averaging away their differences does not rank better than one of them,
+            # what keeps tau low is a bias they share, not the noise of one training run.
+            truth = [statistics.fmean(rows[a.encode()]["retrains"][str(seed)]["val"] for seed in seeds) for a in archs]
+            consensus = {key: float(kendalltau(np.mean(z, axis=0), truth).statistic) for key, z in standardized.items()}
+            print(f"consensus of the {len(pairs)} supernets (their standardised scores averaged): τ "
+                  f"{consensus['val']:.2f} by accuracy, {consensus['loss']:.2f} by loss")
+            replica_pairs(truth)
         return
 
     # Retraining results do not depend on the supernet; supernet scores are kept per supernet recipe. The config's
@@ -490,7 +533,7 @@ def main() -> None:
                         help="ranking: score with an average of the supernet's weights of this decay (ema_decay)")
     parser.add_argument("--supernet-seed", type=int, default=None,
                         help="ranking: seed of the supernet's weights, loader and sampler (default: the config's)")
-    parser.add_argument("--supernet-sampling", choices=["uniform", "sandwich"], default=None,
+    parser.add_argument("--supernet-sampling", choices=["uniform", "sandwich", "fair"], default=None,
                         help="ranking: override the supernet's sampling rule")
     parser.add_argument("--vary", default="everything",
                         choices=["nothing", "widths", "splits", "all-but-splits", "everything"],

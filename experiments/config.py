@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from experiments.data import DataConfig
 from search_space.files import read_yaml
 
-SAMPLING = ("uniform", "sandwich")
+SAMPLING = ("uniform", "sandwich", "fair")
 AMP_MODES = ("bf16", "fp16", "off")
 
 
@@ -97,11 +97,13 @@ class SupernetConfig(TrainRecipe):
 
     section: ClassVar[str] = "supernet"
 
-    sampling: str = "uniform"  # "uniform": one random arch per step (SPOS); "sandwich": largest, smallest and randoms
+    sampling: str = "uniform"  # "uniform": one random arch per step (SPOS); "sandwich": largest, smallest and randoms;
+    #                            "fair": as many archs per step as a decision has most choices, each choice once
     sandwich_random: int = 2  # sandwich only: random archs per step besides the largest and the smallest
     distill: bool = True  # sandwich only: the smaller archs learn the largest's (detached) soft predictions
     ema_decay: float | None = None  # candidates are scored with an exponential moving average of the weights, updated
     #                                 every step with this decay (warmed up as min(decay, (1+t)/(10+t))); None = off
+    replicas: int = 1  # supernets trained alike with seeds seed, seed+1, ...; a candidate's score is their mean
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,11 +113,15 @@ class SupernetConfig(TrainRecipe):
             raise ValueError(f"supernet.sandwich_random: expected >= 0, got {self.sandwich_random}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"supernet.ema_decay: expected None or 0 < ema_decay < 1, got {self.ema_decay}")
+        if self.replicas < 1:
+            raise ValueError(f"supernet.replicas: expected >= 1, got {self.replicas}")
 
     def identity(self) -> dict[str, Any]:
-        """The recipe as plain data for run-directory fingerprints. `ema_decay` came later: left out while it is off,
-        so that supernet runs made before it existed still resume."""
+        """The recipe of one supernet as plain data for run-directory fingerprints. `ema_decay` came later: left out
+        while it is off, so that supernet runs made before it existed still resume. `replicas` is left out: each
+        replica is a run of its own, so adding one keeps those already trained."""
         recipe = dataclasses.asdict(self)
+        del recipe["replicas"]
         if recipe["ema_decay"] is None:
             del recipe["ema_decay"]
         return recipe

@@ -10,15 +10,17 @@ Command line::
 
     python -m experiments.evaluate --config experiments/fashion_mnist.yaml --supernet runs/sn/supernet.pt \
         --arch shufflenet_v2_x0_5 --arch largest
+    # replicas (supernet.replicas: 2): --supernet runs/sn/supernet.pt runs/sn/replica1/supernet.pt
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -128,10 +130,12 @@ class Evaluator:
 
     This is the interface searchers call. The calibration images are chosen once (seeded) and kept; the validation
     images are kept in memory when they fit. Each call extracts the arch, recalibrates its BatchNorm statistics and
-    scores it, so calls are independent of each other and of their order, and safe from several threads.
+    scores it, so calls are independent of each other and of their order, and safe from several threads. Given
+    several supernets (replicas of one recipe, `supernet.replicas`), an arch's accuracy and loss are the means over
+    them, each recalibrated on the same images.
 
     Args:
-        supernet: trained shared weights (not modified).
+        supernet: trained shared weights (not modified), or a sequence of replicas.
         splits: the data; calibration uses `splits.train`, scoring `splits.val`.
         cfg: calibration size, validation limit and batch size.
         seed: picks the calibration images.
@@ -139,10 +143,13 @@ class Evaluator:
     """
 
     def __init__(
-        self, supernet: Supernet, splits: Splits, cfg: EvaluateConfig, *, seed: int = 0,
+        self, supernet: Supernet | Sequence[Supernet], splits: Splits, cfg: EvaluateConfig, *, seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.supernet = supernet
+        self.supernets = [supernet] if isinstance(supernet, Supernet) else list(supernet)
+        if not self.supernets:
+            raise ValueError("Evaluator: no supernet given")
+        self.supernet = self.supernets[0]
         self.cfg = cfg
         self.device = torch.device(device)
         self.calibration = calibration_batches(splits.train, cfg, seed=seed, device=self.device)
@@ -156,14 +163,18 @@ class Evaluator:
         self._lock = threading.Lock()
         self.records: list[EvalRecord] = []
 
-    def model(self, arch: Arch) -> ShuffleNetV2:
-        """The plain network for `arch` with the shared weights and recalibrated BatchNorm statistics (eval mode)."""
-        return recalibrate_bn(self.supernet, self.calibration, arch)
+    def model(self, arch: Arch, replica: int = 0) -> ShuffleNetV2:
+        """The plain network for `arch` with one replica's shared weights and recalibrated BatchNorm statistics (eval
+        mode)."""
+        return recalibrate_bn(self.supernets[replica], self.calibration, arch)
 
     def evaluate(self, arch: Arch) -> float:
-        """Validation accuracy in [0, 1] of `arch` with the shared weights, after BatchNorm recalibration."""
+        """Validation accuracy in [0, 1] of `arch` with the shared weights, after BatchNorm recalibration (the mean
+        over the replicas)."""
         start = time.perf_counter()
-        acc, loss = accuracy_and_loss(self.model(arch), self._val)
+        scores = [accuracy_and_loss(self.model(arch, k), self._val) for k in range(len(self.supernets))]
+        acc = statistics.fmean(a for a, _ in scores)
+        loss = statistics.fmean(x for _, x in scores)
         record = EvalRecord(arch=arch.encode(), accuracy=acc, loss=loss, seconds=time.perf_counter() - start)
         with self._lock:
             self.records.append(record)
@@ -190,12 +201,13 @@ class Evaluator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.train import load_supernet, parse_arch  # train imports this module
+    from experiments.train import load_supernet, parse_arch, space_to_dict  # train imports this module
 
     parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML file")
     parser.add_argument("--preset", default="quick", help="preset in the file (default: quick)")
-    parser.add_argument("--supernet", required=True, help="supernet checkpoint (RUN_DIR/supernet.pt)")
+    parser.add_argument("--supernet", required=True, nargs="+",
+                        help="supernet checkpoint (RUN_DIR/supernet.pt); several: replicas, scored by their mean")
     parser.add_argument("--arch", action="append", required=True,
                         help="arch code, reference name, 'largest' or 'smallest' (repeatable)")
     parser.add_argument("--device", default=None, help="override the config's device")
@@ -206,13 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_experiment(args.config, args.preset)
         device = args.device or cfg.device
-        supernet = load_supernet(args.supernet, device=device)
+        supernets = [load_supernet(path, device=device) for path in args.supernet]
+        supernet = supernets[0]
+        if any(space_to_dict(other.space) != space_to_dict(supernet.space) for other in supernets[1:]):
+            raise ConfigError(f"--supernet {' '.join(args.supernet)}: the replicas were trained on different spaces")
         archs = [parse_arch(supernet.space, text) for text in args.arch]
         splits = load_splits(cfg.data, cfg.seed)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed, device=device)
+    evaluator = Evaluator(supernets, splits, cfg.evaluate, seed=cfg.seed, device=device)
     for arch in archs:
         acc = evaluator.evaluate(arch)
         cost = supernet.space.cost(arch, supernet.num_classes)

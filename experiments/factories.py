@@ -21,6 +21,7 @@ class SupernetEvaluatorFactory:
         config: the experiment YAML (absolute path).
         preset: its preset.
         checkpoint: the trained supernet checkpoint (absolute path).
+        replica_checkpoints: the checkpoints of the recipe's further replicas, scored with it by their mean.
         seed: picks the calibration images, as in the driver.
         device: where the worker scores candidates.
         threads: torch threads in the worker (Ray gives each trial its CPUs; 1 keeps trials from fighting).
@@ -32,6 +33,7 @@ class SupernetEvaluatorFactory:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
+    replica_checkpoints: tuple[str, ...] = ()
 
     def __call__(self):
         import torch
@@ -44,8 +46,8 @@ class SupernetEvaluatorFactory:
         torch.set_num_threads(self.threads)
         cfg = load_experiment(self.config, self.preset)
         splits = load_splits(cfg.data, self.seed)
-        supernet = load_supernet(self.checkpoint, device=self.device)
-        return Evaluator(supernet, splits, cfg.evaluate, seed=self.seed, device=self.device)
+        supernets = [load_supernet(path, device=self.device) for path in (self.checkpoint, *self.replica_checkpoints)]
+        return Evaluator(supernets, splits, cfg.evaluate, seed=self.seed, device=self.device)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ run would; a run directory made by a different configuration is refused, naming 
 Supernet sampling (every process draws the same archs: the arch generator is seeded identically on all ranks):
   - uniform: one random arch per step, every choice uniform (Single Path One-Shot);
   - sandwich: the largest, the smallest and `sandwich_random` random archs per step, gradients summed (BigNAS); with
-    `distill`, the largest learns from the labels and the others from its detached soft predictions.
+    `distill`, the largest learns from the labels and the others from its detached soft predictions;
+  - fair: as many random archs per step as a decision has most choices (4 in fashion_mnist), in which every choice of
+    every decision appears equally often, their gradients averaged, no distillation (FairNAS's strict fairness).
 With `ema_decay`, an exponential moving average of the weights is kept beside them (and checkpointed); the trained
 supernet holds the average at the end, and candidates are scored with it.
 
@@ -145,6 +147,43 @@ def train_supernet(
     if loop.ctx.is_main:
         _write_json(Path(run_dir) / "supernet.json", {"identity": identity, "history": _plain(history)})
     return history
+
+
+def replica_dir(run_dir: str | Path, replica: int) -> Path:
+    """Where replica `replica` of a supernet recipe trains: RUN_DIR itself for the first, RUN_DIR/replicaK after."""
+    return Path(run_dir) if replica == 0 else Path(run_dir) / f"replica{replica}"
+
+
+def train_supernets(
+    space: SearchSpace,
+    splits: Splits,
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    ctx: DistContext | None = None,
+) -> list[Supernet]:
+    """Train the `cfg.supernet.replicas` supernets of the recipe, one after another; resumable as `train_supernet`.
+
+    Replica k starts from weights drawn with seed `cfg.seed + k` and trains with that seed in `replica_dir(run_dir,
+    k)`, so the first is the supernet a single-replica run trains, and raising `replicas` keeps the trained ones.
+
+    Returns:
+        The trained supernets (eval mode), the first replica first.
+    """
+    supernets = []
+    for k in range(cfg.supernet.replicas):
+        seed = cfg.seed + k
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            supernet = Supernet(space, splits.num_classes)
+        if progress and cfg.supernet.replicas > 1 and (ctx is None or ctx.is_main):
+            print(f"supernet replica {k + 1}/{cfg.supernet.replicas} (seed {seed})", file=sys.stderr, flush=True)
+        train_supernet(supernet, splits, cfg, replica_dir(run_dir, k), seed=seed, device=device, progress=progress,
+                       ctx=ctx)
+        supernets.append(supernet.eval())
+    return supernets
 
 
 def retrain(
@@ -603,16 +642,22 @@ class _SupernetLoop(_Loop):
     def archs(self) -> list[Arch]:
         if self.sn.sampling == "uniform":
             return [self.space.sample(self.rng)]
+        if self.sn.sampling == "fair":
+            return self.space.sample_fair(self.rng)
         return [self.largest, self.smallest] + [self.space.sample(self.rng) for _ in range(self.sn.sandwich_random)]
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         first, *others = self.archs()
+        # Fair: the step follows the mean of its archs' gradients (their sum, at the lr that suits one arch, is as
+        # if the lr were multiplied by their number, and stalls); sandwich sums them, as BigNAS does.
+        weight = 1.0 / (1 + len(others)) if self.sn.sampling == "fair" else 1.0
         with self.autocast():
             logits = self.net(images, first)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.label_smoothing)
-        self.scaler.scale(loss).backward()
-        # Sandwich: the other archs' gradients add to the first's (one optimiser step for all of them).
-        teacher = F.softmax(logits.detach().float(), dim=1) if self.sn.distill and others else None
+        self.scaler.scale(loss * weight).backward()
+        # The other archs' gradients add to the first's: one optimiser step for all of them.
+        distill = self.sn.sampling == "sandwich" and self.sn.distill and others
+        teacher = F.softmax(logits.detach().float(), dim=1) if distill else None
         for arch in others:
             with self.autocast():
                 out = self.net(images, arch)
@@ -620,7 +665,7 @@ class _SupernetLoop(_Loop):
                 other_loss = F.cross_entropy(out.float(), labels, label_smoothing=self.recipe.label_smoothing)
             else:  # in-place distillation: soft cross-entropy against the largest's predictions
                 other_loss = -(teacher * F.log_softmax(out.float(), dim=1)).sum(1).mean()
-            self.scaler.scale(other_loss).backward()
+            self.scaler.scale(other_loss * weight).backward()
         return loss.detach(), logits.detach()
 
     def after_step(self) -> None:
@@ -781,12 +826,9 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     run_dir = Path(args.run_dir)
     if args.command == "supernet":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            supernet = Supernet(space, splits.num_classes)
-        train_supernet(supernet, splits, cfg, run_dir, device=device, progress=progress, ctx=ctx)
+        supernets = train_supernets(space, splits, cfg, run_dir, device=device, progress=progress, ctx=ctx)
         if ctx.is_main and not args.no_eval:
-            _report_supernet(supernet, space, splits, cfg, run_dir, device)
+            _report_supernet(supernets, space, splits, cfg, run_dir, device)
         return 0
     try:
         arch = parse_arch(space, args.arch)
@@ -804,10 +846,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_supernet(supernet: Supernet, space: SearchSpace, splits: Splits, cfg: ExperimentConfig, run_dir: Path,
-                     device: str) -> None:
-    """Score the largest, smallest and reference archs with recalibrated BN; print them and add to supernet.json."""
-    evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed, device=device)
+def _report_supernet(supernets: list[Supernet], space: SearchSpace, splits: Splits, cfg: ExperimentConfig,
+                     run_dir: Path, device: str) -> None:
+    """Score the largest, smallest and reference archs with recalibrated BN (the mean over the replicas); print them
+    and add them to RUN_DIR/supernet.json."""
+    evaluator = Evaluator(supernets, splits, cfg.evaluate, seed=cfg.seed, device=device)
     rows = [("largest", space.largest()), ("smallest", space.smallest()), *space.contained_references().items()]
     scores = {}
     for label, arch in rows:

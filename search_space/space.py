@@ -177,6 +177,32 @@ class SearchSpace:
         """One arch, every choice drawn uniformly and independently (as Single Path One-Shot samples)."""
         return self.decide(lambda _name, choices: choices[int(rng.integers(len(choices)))])
 
+    def sample_fair(self, rng: np.random.Generator, count: int | None = None) -> list[Arch]:
+        """`count` archs in which each decision's choices appear equally often (FairNAS's strict fairness).
+
+        Each decision gets its own shuffled sequence of its choices, repeated to `count` draws (the last repeat cut
+        short, so a decision with fewer choices than `count` has some twice), and arch k takes the k-th of every
+        sequence. `count` defaults to the most choices any decision has, so that every choice of every decision is
+        trained once per step. A unit beyond an arch's depth is not part of it, so the choices of the deeper units
+        are balanced only over the archs that reach them.
+        """
+        if count is None:
+            count = max(len(self.stem_widths), len(self.head_widths),
+                        *(len(c) for s in self.stages for c in (s.depths, s.widths, s.splits, s.kernels)))
+        if count < 1:
+            raise ValueError(f"count: expected >= 1, got {count}")
+        orders: dict[str, list[Any]] = {}
+
+        def chooser(k: int) -> Chooser:
+            def choose(name: str, choices: Sequence[Any]) -> Any:
+                if name not in orders:
+                    repeats = -(-count // len(choices))
+                    orders[name] = [choices[int(i)] for _ in range(repeats) for i in rng.permutation(len(choices))]
+                return orders[name][k]
+            return choose
+
+        return [self.decide(chooser(k)) for k in range(count)]
+
     def params(self, arch: Arch) -> dict[str, Any]:
         """The named parameters of `arch` (inverse of `from_params`)."""
         out: dict[str, Any] = {"stem.width": arch.stem}

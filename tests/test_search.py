@@ -106,7 +106,7 @@ def test_interrupted_at_each_step_resumes(config, lut, target, tmp_path, capsys,
         table.write_text(json.dumps(table_data))
     else:
         shutil.copy(lut, table)
-    targets = {"lut": (search, "latency_table"), "supernet": (search, "train_or_load_supernet"),
+    targets = {"lut": (search, "latency_table"), "supernet": (search, "train_or_load_supernets"),
                "search": (search, "make_searcher"), "ship": (search, "ship")}
     module, name = targets[step]
     real = getattr(module, name)
@@ -348,6 +348,36 @@ def test_a_model_measured_over_the_target_every_time_is_not_shipped(config, lut,
     first = fake.archs[0]
     assert calls.count(first) == search.VERDICT_TRIES
     assert first not in json.loads((tmp_path / "run" / "ship.json").read_text())["shipped"]
+
+
+@pytest.mark.parametrize("searcher", ["optuna", "ray"])
+def test_supernet_replicas_score_candidates_by_their_mean(config, lut, target, tmp_path, capsys, searcher):
+    """With supernet.replicas: 2 both searchers score a candidate by the mean over the two trained supernets."""
+    if searcher == "ray":
+        pytest.importorskip("ray")
+    from experiments.config import load_experiment
+    from experiments.data import load_splits
+    from experiments.evaluate import Evaluator
+    from experiments.train import load_supernet
+
+    raw = yaml.safe_load(config.read_text())
+    raw["supernet"]["replicas"] = 2
+    raw["search"]["trials"] = 2
+    replicated = tmp_path / "replicas.yaml"
+    replicated.write_text(yaml.safe_dump(raw))
+    args = base_args(replicated, lut, target, tmp_path / "run") + ["--searcher", searcher]
+    code, err = run(args, capsys)
+    assert code == 0, err
+    folder = tmp_path / "run" / "supernet"
+    supernets = [load_supernet(folder / "supernet.pt"), load_supernet(folder / "replica1" / "supernet.pt")]
+    cfg = load_experiment(replicated)
+    evaluator = Evaluator(supernets, load_splits(cfg.data, cfg.seed), cfg.evaluate, seed=cfg.seed)
+    with (tmp_path / "run" / "trials.csv").open() as f:
+        trials = [row for row in csv.DictReader(f) if row["accuracy"] not in ("", "nan")]
+    assert trials
+    for row in trials:
+        assert float(row["accuracy"]) == pytest.approx(evaluator.evaluate(Arch.decode(row["arch"])), abs=1e-9)
+    assert "mean of 2 supernet replicas" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_ray_searcher_end_to_end_with_its_progress_line(config, lut, target, tmp_path, capsys):

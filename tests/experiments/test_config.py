@@ -103,6 +103,7 @@ def test_unknown_keys_are_rejected_naming_file_and_key(tmp_path, data, key):
         ("supernet", {"epochs": 2.5}, "supernet.epochs"),
         ("supernet", {"sampling": "random"}, "supernet.sampling"),
         ("supernet", {"ema_decay": 1.0}, "supernet.ema_decay"),
+        ("supernet", {"replicas": 0}, "supernet.replicas"),
         ("supernet", {"nesterov": "yes"}, "supernet.nesterov"),
         ("retrain", {"lr": -0.1}, "retrain.lr"),
         ("retrain", {"warmup_epochs": 5, "epochs": 2}, "retrain.warmup_epochs"),

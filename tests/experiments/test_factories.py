@@ -6,6 +6,7 @@ import pickle
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from conftest import SYNTHETIC  # noqa: I001 (tests/experiments/conftest.py)
 
@@ -36,3 +37,9 @@ def test_supernet_evaluator_factory_builds_the_same_evaluator(cfg, splits, space
     first, second = factory(), factory()
     assert first.evaluate(arch) == second.evaluate(arch)
     assert 0.0 <= first.evaluate(arch) <= 1.0
+    # Replicas: the factory's evaluator scores with all of them (the same checkpoint twice scores as one).
+    twice = SupernetEvaluatorFactory(str(SYNTHETIC), "quick", str(tmp_path / "supernet.pt"),
+                                     replica_checkpoints=(str(tmp_path / "supernet.pt"),))
+    evaluator = pickle.loads(pickle.dumps(twice))()
+    assert len(evaluator.supernets) == 2
+    assert evaluator.evaluate(arch) == pytest.approx(first.evaluate(arch), abs=1e-12)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import experiments.train as train_module
 from experiments.config import load_experiment
@@ -20,8 +24,10 @@ from experiments.train import (
     load_model,
     load_supernet,
     parameter_groups,
+    replica_dir,
     retrain,
     train_supernet,
+    train_supernets,
 )
 from search_space import Supernet
 
@@ -52,7 +58,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     assert not different, f"tensors differ: {different[:5]}"
 
 
-@pytest.mark.parametrize("preset", ["quick", "sandwich"])
+@pytest.mark.parametrize("preset", ["quick", "sandwich", "fair"])
 def test_supernet_training_lowers_the_loss(space, splits, tmp_path, preset):
     cfg = load_experiment(SYNTHETIC, preset)
     supernet = fresh_supernet(space)
@@ -64,6 +70,26 @@ def test_supernet_training_lowers_the_loss(space, splits, tmp_path, preset):
     assert history[-1].lr == pytest.approx(0.0, abs=1e-9)  # the cosine ends at 0
     assert not torch.equal(before["conv1.0.weight"], supernet.state_dict()["conv1.0.weight"])
     assert (tmp_path / SUPERNET_CHECKPOINT).exists() and (tmp_path / "supernet.json").exists()
+
+
+def test_a_fair_step_follows_the_mean_gradient_of_its_archs_without_distillation(space, splits, cfg):
+    fair = dataclasses.replace(cfg.supernet, sampling="fair", distill=True)  # distill is for the sandwich rule only
+    archs = space.sample_fair(np.random.default_rng(0))
+    supernet = fresh_supernet(space)
+    images = torch.randn(8, space.geometry.in_channels, space.geometry.input_size, space.geometry.input_size)
+    labels = torch.randint(0, 10, (8,))
+    loop = SimpleNamespace(sn=fair, recipe=fair, net=supernet, archs=lambda: archs,
+                           autocast=contextlib.nullcontext, scaler=torch.amp.GradScaler("cpu", enabled=False))
+    train_module._SupernetLoop.step(loop, images, labels)
+    got = {n: p.grad.clone() for n, p in supernet.named_parameters() if p.grad is not None}
+    supernet.zero_grad(set_to_none=True)
+    for arch in archs:
+        loss = F.cross_entropy(supernet(images, arch), labels, label_smoothing=fair.label_smoothing)
+        (loss / len(archs)).backward()
+    want = {n: p.grad for n, p in supernet.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_checkpoint_loads_with_weights_only_and_holds_the_run_state(space, splits, cfg, tmp_path):
@@ -196,6 +222,25 @@ def test_runs_without_the_weight_average_keep_the_fingerprint_they_had_before_it
     averaged = with_epochs(cfg, 1, ema_decay=0.99)
     with pytest.raises(RunDirError, match=r"recipe\.ema_decay"):
         train_supernet(fresh_supernet(space), splits, averaged, tmp_path, progress=False)
+
+
+def test_replicas_train_with_consecutive_seeds_and_the_first_is_the_single_run(space, splits, cfg, tmp_path):
+    single = fresh_supernet(space, seed=cfg.seed)
+    train_supernet(single, splits, with_epochs(cfg, 1), tmp_path / "single", progress=False)
+    two = with_epochs(cfg, 1, replicas=2)
+    first, second = train_supernets(space, splits, two, tmp_path / "sn", progress=False)
+    assert_same_state(first.state_dict(), single.state_dict())
+    assert not torch.equal(first.conv1[0].weight, second.conv1[0].weight)
+    assert replica_dir(tmp_path / "sn", 1) == tmp_path / "sn" / "replica1"
+    assert (tmp_path / "sn" / "replica1" / SUPERNET_CHECKPOINT).exists()
+    assert load_supernet(tmp_path / "sn" / "replica1" / SUPERNET_CHECKPOINT).state_dict().keys() == \
+        second.state_dict().keys()
+    # Replicas are not part of a run's fingerprint: one more keeps the two trained and trains only the third.
+    stamps = [(replica_dir(tmp_path / "sn", k) / SUPERNET_CHECKPOINT).stat().st_mtime_ns for k in range(2)]
+    three = train_supernets(space, splits, with_epochs(cfg, 1, replicas=3), tmp_path / "sn", progress=False)
+    assert [(replica_dir(tmp_path / "sn", k) / SUPERNET_CHECKPOINT).stat().st_mtime_ns for k in range(2)] == stamps
+    assert_same_state(three[1].state_dict(), second.state_dict())
+    assert (tmp_path / "sn" / "replica2" / SUPERNET_CHECKPOINT).exists()
 
 
 def test_a_finished_run_is_not_trained_again(space, splits, cfg, tmp_path):

@@ -53,6 +53,21 @@ def test_supernet_then_finetune_then_evaluate(tmp_path, capsys):
     assert "val" in out and "test" in out and "MFLOPs" in out
 
 
+def test_supernet_replicas_train_and_evaluate_together(tmp_path, capsys):
+    config = experiment(tmp_path, supernet={"epochs": 1, "replicas": 2})
+    common = ["--config", str(config), "--no-progress"]
+    assert train_cli.main(["supernet", *common, "--run-dir", str(tmp_path / "sn")]) == 0
+    replicas = [str(tmp_path / "sn" / "supernet.pt"), str(tmp_path / "sn" / "replica1" / "supernet.pt")]
+    capsys.readouterr()
+    assert evaluate_cli.main(["--config", str(config), "--supernet", *replicas, "--arch", "largest"]) == 0
+    both = float(capsys.readouterr().out.split()[0])
+    alone = []
+    for path in replicas:
+        assert evaluate_cli.main(["--config", str(config), "--supernet", path, "--arch", "largest"]) == 0
+        alone.append(float(capsys.readouterr().out.split()[0]))
+    assert both == pytest.approx(sum(alone) / 2, abs=1e-4)  # printed to 4 decimals
+
+
 def assert_one_line_error(capsys, *needles: str) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err

@@ -118,6 +118,23 @@ def test_evaluator_is_safe_from_several_threads(supernet, space, splits, cfg):
     assert len(evaluator.records) == 8
 
 
+def test_replicas_score_an_arch_by_the_mean_of_their_scores(supernet, space, splits, cfg, tmp_path):
+    torch.manual_seed(1)
+    other = Supernet(space, 10)
+    train_supernet(other, splits, cfg, tmp_path, seed=1, progress=False)
+    other.eval()
+    arch = space.sample(np.random.default_rng(4))
+    alone = [Evaluator(net, splits, cfg.evaluate, seed=0) for net in (supernet, other)]
+    scores = [(e.evaluate(arch), e.last.loss) for e in alone]
+    assert scores[0] != scores[1]
+    both = Evaluator([supernet, other], splits, cfg.evaluate, seed=0)
+    assert both.evaluate(arch) == pytest.approx((scores[0][0] + scores[1][0]) / 2, abs=1e-12)
+    assert both.last.loss == pytest.approx((scores[0][1] + scores[1][1]) / 2, abs=1e-12)
+    assert Evaluator([supernet], splits, cfg.evaluate, seed=0).evaluate(arch) == scores[0][0]
+    with pytest.raises(ValueError, match="no supernet"):
+        Evaluator([], splits, cfg.evaluate)
+
+
 def test_evaluator_before_any_call_has_no_cost(supernet, splits, cfg):
     evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed)
     with pytest.raises(ValueError, match="nothing evaluated"):

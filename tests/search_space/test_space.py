@@ -79,6 +79,31 @@ def test_sampling_is_seeded_and_covers_every_choice(fashion_space):
     assert "stage2.unit4.split" not in seen  # beyond the deepest choice: never sampled
 
 
+def test_fair_sampling_trains_every_choice_of_every_decision_once(fashion_space):
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        archs = fashion_space.sample_fair(rng)
+        assert len(archs) == 4  # the most choices of any decision: the stage widths, the depths of stage3
+        for arch in archs:
+            fashion_space.validate(arch)
+        for i, c in enumerate(fashion_space.stages):
+            # Four draws over three choices: each once, one of them twice; four over four: each exactly once.
+            for choices, drawn in ((c.widths, [a.stages[i].width for a in archs]),
+                                   (c.depths, [a.stages[i].depth for a in archs])):
+                counts = Counter(drawn)
+                assert set(counts) == set(choices) and max(counts.values()) <= 2
+                assert len(choices) < 4 or max(counts.values()) == 1
+        # Unit choices are balanced over the archs that reach the unit: the first two units of a stage always exist.
+        kernels = Counter(a.stages[0].units[1].kernel for a in archs)
+        assert set(kernels) == set(fashion_space.stages[0].kernels)
+        assert Counter(a.stem for a in archs) == dict.fromkeys(fashion_space.stem_widths, 2)
+    a = fashion_space.sample_fair(np.random.default_rng(5), count=6)
+    assert a == fashion_space.sample_fair(np.random.default_rng(5), count=6) and len(a) == 6
+    assert Counter(x.head for x in a) == dict.fromkeys(fashion_space.head_widths, 2)
+    with pytest.raises(ValueError, match="count"):
+        fashion_space.sample_fair(rng, count=0)
+
+
 def test_sampled_archs_validate(imagenet_space):
     rng = np.random.default_rng(0)
     for _ in range(100):
