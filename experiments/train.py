@@ -13,7 +13,9 @@ Supernet sampling (every process draws the same archs: the arch generator is see
   - fair: as many random archs per step as a decision has most choices (4 in fashion_mnist), in which every choice of
     every decision appears equally often, their gradients averaged, no distillation (FairNAS's strict fairness).
 With `ema_decay`, an exponential moving average of the weights is kept beside them (and checkpointed); the trained
-supernet holds the average at the end, and candidates are scored with it.
+supernet holds the average at the end, and candidates are scored with it. With `replicas: N`, N supernets of the
+recipe train one after another (seeds seed..seed+N-1; the first in RUN_DIR, replica k in RUN_DIR/replicaK), and
+candidates are scored by the mean over them.
 
 Command line (the same under `torchrun --nproc_per_node=N -m experiments.train ...` for data-parallel training)::
 
