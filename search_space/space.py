@@ -180,11 +180,11 @@ class SearchSpace:
     def sample_fair(self, rng: np.random.Generator, count: int | None = None) -> list[Arch]:
         """`count` archs in which each decision's choices appear equally often (FairNAS's strict fairness).
 
-        Each decision gets its own shuffled sequence of its choices, repeated to `count` draws (the last repeat cut
-        short, so a decision with fewer choices than `count` has some twice), and arch k takes the k-th of every
-        sequence. `count` defaults to the most choices any decision has, so that every choice of every decision is
-        trained once per step. A unit beyond an arch's depth is not part of it, so the choices of the deeper units
-        are balanced only over the archs that reach them.
+        Each decision gets its own sequence of shuffles of its choices, and arch k takes the k-th draw of every
+        sequence: a decision whose choices divide `count` has each equally often, one with fewer choices than
+        `count` has some once more than others. `count` defaults to the most choices any decision has, so that every
+        choice of every decision is trained at least once per step. A unit beyond an arch's depth is not part of it,
+        so the choices of the deeper units are balanced only over the archs that reach them.
         """
         if count is None:
             count = max(len(self.stem_widths), len(self.head_widths),
