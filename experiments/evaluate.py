@@ -149,7 +149,6 @@ class Evaluator:
         self.supernets = [supernet] if isinstance(supernet, Supernet) else list(supernet)
         if not self.supernets:
             raise ValueError("Evaluator: no supernet given")
-        self.supernet = self.supernets[0]
         self.cfg = cfg
         self.device = torch.device(device)
         self.calibration = calibration_batches(splits.train, cfg, seed=seed, device=self.device)
