@@ -18,7 +18,10 @@
         where it stopped. Two processes may share the cache: one with --no-retrain training and scoring another
         supernet while the other retrains, or both retraining (each claims an arch, under a lock, before it starts).
         --report also prints the consensus of all cached supernets (their standardised scores averaged: what they
-        agree on) and, for recipes cached with seeds s and s+1, the τ of `supernet.replicas: 2` (their mean score).
+        agree on) and the τ of `supernet.replicas: K` for K = 2, 3, 4 (the mean score of K cached supernets of one
+        recipe: seeds s to s+K-1 as one such run trains them, and every K of its seeds for the spread). The full
+        preset's supernet recipe is `--supernet-sampling fair --supernet-lr 0.1 --supernet-epochs 3
+        --supernet-steps 95` with --supernet-seed 0, 1, 2.
     python benchmarks/bench_training.py sharing --vary widths --lr 0.1 --steps 120
         Whether weight sharing learns: the supernet's training loss when only some dimensions of the arch are drawn
         per step (the others stay at the largest arch's), first 20 steps against the last 30.
@@ -34,6 +37,7 @@ import contextlib
 import copy
 import dataclasses
 import fcntl
+import itertools
 import json
 import math
 import statistics
@@ -365,10 +369,11 @@ def ranking(args: argparse.Namespace) -> None:
                 score(entry, evaluator, arch)
             print(f"rescored {len(missing)} archs of supernet {label}", flush=True)
 
-    def replica_pairs(truth: list[float]) -> None:
-        """τ of `supernet.replicas: 2`: the mean score of two cached supernets of one recipe with seeds s and s+1 (s
-        even, so that the pairs are disjoint), which is what the Evaluator computes from two replicas (the same
-        calibration and validation images)."""
+    def replica_groups(truth: list[float], sizes: tuple[int, ...] = (2, 3, 4)) -> None:
+        """τ of `supernet.replicas: K`, from cached supernets of one recipe: the mean score of the supernets with
+        seeds s, s+1, ..., s+K-1 (s a multiple of K, so that the groups are disjoint) is what the Evaluator computes
+        from K replicas with seed s (the same calibration and validation images). Beside those exact runs, every
+        K of the recipe's n seeds (n choose K groups, overlapping) gives the spread to expect."""
         by_recipe: dict[str, dict[int, dict]] = {}
         for entry in cache.get("supernets", {}).values():
             if agreement(entry["scores"]) is None:
@@ -376,24 +381,40 @@ def ranking(args: argparse.Namespace) -> None:
             recipe = {k: v for k, v in entry["recipe"].items() if k != "seed"}
             key = json.dumps(recipe, sort_keys=True)
             by_recipe.setdefault(key, {})[entry["recipe"].get("seed", cfg.seed)] = entry
-        rows_out = []
-        for key, entries in by_recipe.items():
-            for s in sorted(entries):
-                if s % 2 or s + 1 not in entries:
+
+        def taus(group: list[dict]) -> tuple[float, float]:
+            val = [statistics.fmean(e["scores"][a.encode()]["val"] for e in group) for a in archs]
+            loss = [-statistics.fmean(e["scores"][a.encode()]["loss"] for e in group) for a in archs]
+            return float(kendalltau(val, truth).statistic), float(kendalltau(loss, truth).statistic)
+
+        for size in sizes:
+            exact, spread = [], []
+            for key, entries in by_recipe.items():
+                if len(entries) < size:
                     continue
-                pair = (entries[s], entries[s + 1])
-                val = [statistics.fmean(e["scores"][a.encode()]["val"] for e in pair) for a in archs]
-                loss = [-statistics.fmean(e["scores"][a.encode()]["loss"] for e in pair) for a in archs]
-                recipe, steps = json.loads(key), pair[0].get("training", {}).get("steps", "?")
-                rows_out.append((recipe["sampling"], steps, recipe.get("ema_decay") or "-", f"{s}, {s + 1}",
-                                 float(kendalltau(val, truth).statistic), float(kendalltau(loss, truth).statistic)))
-        if not rows_out:
-            return
-        print("\nreplicas: 2 (two supernets of one recipe, seeds s and s+1, scored by their mean)")
-        print("| sampling | steps | EMA | seeds | Kendall τ | τ by loss |")
-        print("|---|---:|---:|---|---:|---:|")
-        for sampling, steps, ema, pair_seeds, tau, tau_loss in rows_out:
-            print(f"| {sampling} | {steps} | {ema} | {pair_seeds} | {tau:.2f} | {tau_loss:.2f} |")
+                recipe, first = json.loads(key), next(iter(entries.values()))
+                name = (recipe["sampling"], first.get("training", {}).get("steps", "?"), recipe.get("ema_decay") or "-")
+                for s in sorted(entries):
+                    block = [s + k for k in range(size)]
+                    if s % size == 0 and all(seed in entries for seed in block):
+                        exact.append((*name, ", ".join(map(str, block)), *taus([entries[seed] for seed in block])))
+                every = [taus([entries[seed] for seed in group])[0]
+                         for group in itertools.combinations(sorted(entries), size)]
+                spread.append((*name, len(entries), len(every), statistics.fmean(every), min(every),
+                               sum(t >= 0.6 - 1e-9 for t in every) / len(every)))
+            if exact:
+                print(f"\nreplicas: {size} ({size} supernets of one recipe, seeds s to s+{size - 1}, scored by "
+                      "their mean)")
+                print("| sampling | steps | EMA | seeds | Kendall τ | τ by loss |")
+                print("|---|---:|---:|---|---:|---:|")
+                for sampling, steps, ema, seeds_, tau, tau_loss in exact:
+                    print(f"| {sampling} | {steps} | {ema} | {seeds_} | {tau:.2f} | {tau_loss:.2f} |")
+            if spread:
+                print(f"\nreplicas: {size}, every {size} of a recipe's seeds (overlapping groups), by accuracy")
+                print("| sampling | steps | EMA | seeds | groups | mean τ | lowest τ | share τ >= 0.6 |")
+                print("|---|---:|---:|---:|---:|---:|---:|---:|")
+                for sampling, steps, ema, n, groups, mean, low, share in spread:
+                    print(f"| {sampling} | {steps} | {ema} | {n} | {groups} | {mean:.2f} | {low:.2f} | {share:.0%} |")
 
     if args.report or args.rescore:  # every cached supernet against the ground truth of `seeds`; nothing is trained
         print(f"ground truth: validation accuracy averaged over seeds {seeds}, {args.archs} archs")
@@ -430,7 +451,7 @@ def ranking(args: argparse.Namespace) -> None:
             consensus = {key: float(kendalltau(np.mean(z, axis=0), truth).statistic) for key, z in standardized.items()}
             print(f"consensus of the {len(pairs)} supernets (their standardised scores averaged): τ "
                   f"{consensus['val']:.2f} by accuracy, {consensus['loss']:.2f} by loss")
-            replica_pairs(truth)
+            replica_groups(truth)
         return
 
     # Retraining results do not depend on the supernet; supernet scores are kept per supernet recipe. The config's

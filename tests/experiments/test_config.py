@@ -51,9 +51,9 @@ def test_shipped_files_spell_out_every_key(name):
 def test_presets_override_key_by_key():
     quick = load_experiment(EXPERIMENTS / "fashion_mnist.yaml", "quick")
     full = load_experiment(EXPERIMENTS / "fashion_mnist.yaml", "full")
-    assert quick.supernet.epochs < full.supernet.epochs
-    assert quick.supernet.max_steps_per_epoch is not None and full.supernet.max_steps_per_epoch is None
-    assert quick.supernet.lr == full.supernet.lr  # not overridden: shared
+    assert (quick.supernet.sampling, full.supernet.sampling) == ("uniform", "fair")
+    assert quick.supernet.lr < full.supernet.lr and quick.supernet.replicas < full.supernet.replicas
+    assert quick.supernet.epochs == full.supernet.epochs  # not overridden: shared
     assert quick.retrain.epochs < full.retrain.epochs
     sandwich = load_experiment(EXPERIMENTS / "synthetic.yaml", "sandwich")
     assert sandwich.supernet.sampling == "sandwich"
