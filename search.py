@@ -695,7 +695,9 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
     from latency_lut import SHIPPED_FILES
 
     code = arch.encode()
+    start = time.perf_counter()
     trained = retrain(space, arch, splits, run.cfg, run.run_dir / "retrain" / code, device=run.device)
+    run.steps["ship: retraining"] = run.steps.get("ship: retraining", 0.0) + time.perf_counter() - start
     model = trained.model.cpu().eval()  # exported and measured from the CPU; the child moves it to the device
     staging = run.run_dir / "winners" / ".staging" / f"{label or 'run'}-{code}"
     shutil.rmtree(staging, ignore_errors=True)  # a kill mid-export leaves nothing that counts
