@@ -370,11 +370,10 @@ def cached(path: Path, here: dict[str, Any]) -> dict[str, Any] | None:
 
 def latency_table(run: Run, space, settings):
     """Load the device's table, or profile (resumable) and calibrate a new one."""
-    from experiments.supernets import cache_home
     from latency_lut import LatencyTable, default_out, profile, validate
 
     mismatch = run.job.allow_lut_mismatch
-    path = run.job.lut or cache_home() / default_out(space, run.device, settings)
+    path = run.job.lut or default_out(space, run.device, settings)
     if path.exists():
         # A table measured elsewhere is refused here (unless --allow-lut-mismatch), before it is extended.
         table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=mismatch)

@@ -14,7 +14,6 @@ mid-way leaves its last epoch's checkpoint, and whoever takes the lock next cont
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,16 +27,7 @@ from experiments.config import ExperimentConfig, fingerprint
 from experiments.data import Splits
 from experiments.train import SUPERNET_CHECKPOINT, load_supernet, space_to_dict, train_supernet
 from search_space import SearchSpace, Supernet
-
-HOME_VARIABLE = "SHUFFLENAS_HOME"  # where shared latency tables and supernets live (like TORCH_HOME)
-
-
-def cache_home() -> Path:
-    """$SHUFFLENAS_HOME, else $XDG_CACHE_HOME/shufflenas, else ~/.cache/shufflenas."""
-    if os.environ.get(HOME_VARIABLE):
-        return Path(os.environ[HOME_VARIABLE]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "shufflenas"
+from search_space.files import cache_home
 
 
 def default_store() -> Path:

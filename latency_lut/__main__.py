@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="what the table predicts of a network: a percentile over every call (default p50)")
     p.add_argument("--memory-format", default="contiguous", choices=MEMORY_FORMATS, help="eager only")
     p.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default 1000)")
-    p.add_argument("--out", type=Path, help="table file (default luts/<space>-<device>-<runtime>-b<B>-t<T>-<dtype>"
-                                            ".json); an existing one is continued")
+    p.add_argument("--out", type=Path, help="table file (default: $SHUFFLENAS_HOME/luts/<space>-<device>-<runtime>-"
+                                            "b<B>-t<T>-<dtype>-<statistic>.json, where search.py looks); an "
+                                            "existing one is continued")
     p.add_argument("--allow-mismatch", action="store_true", help="continue a table measured with other settings")
     p.add_argument("--method", choices=("insitu", "isolated"), help="insitu (eager default) or isolated")
     p.add_argument("--rounds", type=_positive_int, default=5, help="interleaved rounds per op (default 5)")

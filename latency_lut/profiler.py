@@ -67,6 +67,7 @@ from latency_lut.timing import (
     thread_count,
 )
 from search_space import Arch, SearchSpace
+from search_space.files import cache_home
 from search_space.network import ShuffleNetV2
 
 METHODS = ("insitu", "isolated")
@@ -74,11 +75,13 @@ DEFAULT_BUDGET = Budget(rounds=5, block_s=0.03, min_calls=3, max_calls=50, warmu
 
 
 def default_out(space: SearchSpace, device: str | torch.device, settings: Settings) -> Path:
-    """luts/<space>-<device kind>-<runtime>-b<batch>-t<threads>-<dtype>[-cl]-<statistic>.json"""
+    """<cache>/luts/<space>-<device kind>-<runtime>-b<batch>-t<threads>-<dtype>[-cl]-<statistic>.json, where <cache>
+    is $SHUFFLENAS_HOME or ~/.cache/shufflenas (`search_space.files.cache_home`): every run on the machine shares it."""
     kind = resolve_device(device).type
     suffix = "-cl" if settings.memory_format == "channels_last" else ""
-    return Path("luts") / (f"{space.name}-{kind}-{settings.runtime}-b{settings.batch_size}-t{settings.threads}-"
-                           f"{settings.dtype}{suffix}-{settings.statistic}.json")
+    name = (f"{space.name}-{kind}-{settings.runtime}-b{settings.batch_size}-t{settings.threads}-{settings.dtype}"
+            f"{suffix}-{settings.statistic}.json")
+    return cache_home() / "luts" / name
 
 
 def default_method(settings: Settings) -> str:

@@ -1,4 +1,5 @@
-"""Files every package writes or reads the same way: atomic writes, and YAML read safely with one-line errors."""
+"""Files every package writes or reads the same way: atomic writes, YAML read safely with one-line errors, and the
+cache folder that shared latency tables and supernets live in."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ import yaml
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+HOME_VARIABLE = "SHUFFLENAS_HOME"  # where shared latency tables and supernets live, as TORCH_HOME is for torch
+
+
+def cache_home() -> Path:
+    """$SHUFFLENAS_HOME, else $XDG_CACHE_HOME/shufflenas, else ~/.cache/shufflenas (never inside site-packages)."""
+    if os.environ.get(HOME_VARIABLE):
+        return Path(os.environ[HOME_VARIABLE]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "shufflenas"
 
 
 def atomic_write(path: str | Path, write: Callable[[IO], Any], mode: str = "w") -> None:
