@@ -7,7 +7,7 @@ scaled by each factor, as one would scale a network by hand. For each one:
   1. its latency is measured on this CPU with the latency table's settings; that is the budget;
   2. `search.py --target-ms <budget> --preset quick` searches, retrains, exports and re-measures a winner;
   3. the reference itself is retrained with the same recipe (`experiments.train retrain --preset quick`, same seed).
-Finally every network is timed again in one interleaved session (the fastest of many rounds each, so load on the
+Finally every network is timed again in one interleaved measurement (the fastest of many rounds each, so load on the
 shared machine touches all of them alike), and the table goes to benchmarks/results/budgets.md.
 
 Every step is cached under --out (default runs/bench_budgets) and reruns continue where they stopped. With
@@ -150,7 +150,7 @@ def main() -> None:
                                    "val": summary["val_accuracy"], "test": summary["test_accuracy"]}
             save()
 
-    # One interleaved session for all of them: latency does not depend on the weights, so the plain builds time the
+    # One interleaved measurement for all of them: latency does not depend on the weights, so the plain builds time the
     # same networks the runs exported.
     archs = {}
     for name in refs:
