@@ -222,7 +222,7 @@ def latency_table(run: Run, space, num_classes: int):
 
 def train_or_load_supernets(run: Run, space, splits):
     """The recipe's `supernet.replicas` trained supernets (a finished one is loaded from its checkpoint)."""
-    from experiments.train import train_supernets
+    from experiments.training import train_supernets
 
     return train_supernets(space, splits, run.cfg, run.run_dir / "supernet", device=run.device)
 
@@ -243,7 +243,7 @@ def make_searcher(run: Run, space, table, evaluator, target_ms: float, study_nam
             trainer = ScratchTrainerFactory(source, run.cfg.preset, seed=run.cfg.seed, device=run.device)
             return RaySearcher(space, table, target_ms, trainer_factory=trainer, mode="asha",
                                asha_epochs=cfg.asha_epochs, asha_grace=cfg.asha_grace, **resources, **common)
-        from experiments.train import SUPERNET_CHECKPOINT, replica_dir
+        from experiments.checkpoints import SUPERNET_CHECKPOINT, replica_dir
 
         first, *others = [str(replica_dir(run.run_dir / "supernet", k) / SUPERNET_CHECKPOINT)
                           for k in range(run.cfg.supernet.replicas)]
@@ -345,7 +345,7 @@ def calibrate_now(run: Run, space, table, settings, num_classes: int, binds: boo
 def ship(run: Run, space, splits, result, table, settings) -> tuple[list[dict], list[dict]]:
     """Walk the feasible candidates best first; ship the first top_k that measure within the target."""
     from experiments.export import export_all
-    from experiments.train import retrain
+    from experiments.training import retrain
     from search_space.files import atomic_write
 
     target = run.cfg.latency.target_ms

@@ -3,10 +3,10 @@
     python benchmarks/bench_training.py throughput [--threads 1] [--device cuda]
         Training images/s of supernet(x, arch) against the plain network of the same arch (forward, backward and an
         SGD step), measured interleaved in one process so that both see the same machine load. The steps run as
-        experiments/train.py runs them: channels_last (the recipe's), and on CUDA its autocast dtype (bf16).
+        experiments/training.py runs them: channels_last (the recipe's), and on CUDA its autocast dtype (bf16).
     python benchmarks/bench_training.py layout [--threads 1]
         CPU training images/s with NCHW against NHWC (channels_last) tensors, plain and supernet, interleaved: why
-        experiments/train.py trains channels_last on the CPU too.
+        experiments/training.py trains channels_last on the CPU too.
     python benchmarks/bench_training.py accuracy --preset quick [--threads 2]
         Retrains the reference arch (shufflenet_v2_x0_5) with the preset's recipe; records time and accuracy.
     python benchmarks/bench_training.py ranking [--threads 1] [--retrain-seeds 3] [--no-retrain | --report |
@@ -52,10 +52,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from experiments.checkpoints import load_supernet  # noqa: E402
 from experiments.config import load_experiment  # noqa: E402
 from experiments.data import load_splits  # noqa: E402
 from experiments.evaluate import Evaluator  # noqa: E402
-from experiments.train import load_supernet, retrain, train_supernet  # noqa: E402
+from experiments.training import retrain, train_supernet  # noqa: E402
 from search_space import Arch, SearchSpace, Supernet  # noqa: E402
 from search_space.files import atomic_write  # noqa: E402
 
@@ -76,7 +77,7 @@ def throughput(args: argparse.Namespace) -> None:
     archs = speed_archs(space)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    # As experiments/train.py trains: the supernet recipe's memory format, and on CUDA its autocast dtype.
+    # As experiments/training.py trains: the supernet recipe's memory format, and on CUDA its autocast dtype.
     recipe = cfg.supernet
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.amp) if cuda else None
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format

@@ -355,10 +355,10 @@ def test_supernet_replicas_score_candidates_by_their_mean(config, lut, target, t
     """With supernet.replicas: 2 both searchers score a candidate by the mean over the two trained supernets."""
     if searcher == "ray":
         pytest.importorskip("ray")
+    from experiments.checkpoints import load_supernet
     from experiments.config import load_experiment
     from experiments.data import load_splits
     from experiments.evaluate import Evaluator
-    from experiments.train import load_supernet
 
     raw = yaml.safe_load(config.read_text())
     raw["supernet"]["replicas"] = 2

@@ -11,7 +11,7 @@ import torch
 from conftest import SYNTHETIC  # noqa: I001 (tests/experiments/conftest.py)
 
 from experiments.factories import ScratchTrainerFactory, SupernetEvaluatorFactory
-from experiments.train import train_supernet
+from experiments.training import train_supernet
 from search_space import Supernet
 
 
