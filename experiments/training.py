@@ -56,6 +56,7 @@ from experiments.config import ExperimentConfig, TrainRecipe, fingerprint
 from experiments.data import DataConfig, ImageDataset, Splits, make_loader
 from experiments.distributed import DistContext
 from search_space import Arch, SearchSpace, Supernet, space_to_dict
+from search_space.network import ShuffleNetV2
 
 _ARCH_STREAM = 1  # the arch generator's seed is (seed, _ARCH_STREAM): independent of the loader's streams
 
@@ -216,18 +217,9 @@ def retrain(
         The accuracies and RUN_DIR/model.pt (a file with the state_dict, arch code, geometry and class count), or
         None when `stop_after` stopped the run early.
     """
-    if cfg.retrain.from_supernet and init_from is None:
-        raise ValueError("retrain.from_supernet is true: pass the supernet to start from (--supernet PATH)")
-    if init_from is not None and not cfg.retrain.from_supernet:
-        raise ValueError("a supernet to start from was given, but retrain.from_supernet is false")
-    space.validate(arch)
     seed = cfg.seed if seed is None else seed
     ctx = ctx or DistContext()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = space.build(arch, splits.num_classes)
-    if init_from is not None:
-        model.load_state_dict(init_from.extract(arch).state_dict())
+    model = _initial_model(space, arch, splits.num_classes, cfg, seed, init_from)
     identity = {
         "kind": "retrain",
         "arch": arch.encode(),
@@ -242,23 +234,44 @@ def retrain(
     history = loop.run(stop_after, on_epoch)
     if len(history) < cfg.retrain.epochs:
         return None
-    val = history[-1].val_accuracy
     test = loop.accuracy(splits.test)
     loop.model.to(memory_format=torch.contiguous_format)  # NCHW again after channels_last: as users run it
     result = RetrainResult(
-        arch=arch, val_accuracy=float(val), test_accuracy=test, seconds=sum(h.seconds for h in history),
-        history=history, model_path=run_dir / MODEL_FILE, model=loop.model.eval(),
+        arch=arch, val_accuracy=float(history[-1].val_accuracy), test_accuracy=test,
+        seconds=sum(h.seconds for h in history), history=history, model_path=run_dir / MODEL_FILE,
+        model=loop.model.eval(),
     )
     if ctx.is_main:
-        save_model(loop.model, run_dir / MODEL_FILE, extra={
-            "mean": list(splits.mean), "std": list(splits.std),
-            "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
-        })
-        summary = {"identity": identity, "val_accuracy": val, "test_accuracy": test, "history": _plain(history)}
-        write_json(run_dir / "retrain.json", summary)
+        _write_retrained(result, identity, splits)
     distributed.barrier(ctx)
     return result
 
+
+def _initial_model(space: SearchSpace, arch: Arch, num_classes: int, cfg: ExperimentConfig, seed: int,
+                   init_from: Supernet | None) -> ShuffleNetV2:
+    """The network `retrain` starts from: drawn with `seed`, or the supernet's weights when fine-tuning."""
+    if cfg.retrain.from_supernet and init_from is None:
+        raise ValueError("retrain.from_supernet is true: pass the supernet to start from (--supernet PATH)")
+    if init_from is not None and not cfg.retrain.from_supernet:
+        raise ValueError("a supernet to start from was given, but retrain.from_supernet is false")
+    space.validate(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = space.build(arch, num_classes)
+    if init_from is not None:
+        model.load_state_dict(init_from.extract(arch).state_dict())
+    return model
+
+
+def _write_retrained(result: RetrainResult, identity: dict[str, Any], splits: Splits) -> None:
+    """RUN_DIR/model.pt (the network, its normalisation and accuracies) and RUN_DIR/retrain.json (the summary)."""
+    save_model(result.model, result.model_path, extra={
+        "mean": list(splits.mean), "std": list(splits.std),
+        "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+    })
+    summary = {"identity": identity, "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+               "history": _plain(result.history)}
+    write_json(result.model_path.parent / "retrain.json", summary)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
