@@ -110,7 +110,7 @@ def _show(command: list[str], work: Path) -> str:
     return text.replace(str(work), "$WORK").replace(str(ROOT) + "/", "")
 
 
-def throughput(space_file: str, count: int, rounds: int = 5) -> dict:
+def throughput(space_file: str, count: int, rounds: int = 7) -> dict:
     """Archs/s of predict_many, predict and a plain sum of entries on `count` sampled archs (fastest of `rounds`,
     interleaved), and the largest relative difference between predict_many and predict."""
     from latency_lut import Entry, Fingerprint, LatencyTable, Settings, arch_ops, enumerate_ops
