@@ -532,7 +532,7 @@ class RankingStudy:
                 row = self.rows[arch.encode()]
                 if str(seed) in row.get("retrains", {}):
                     continue
-                # cfg.seed's run directories keep the name they had before there were several seeds
+                # cfg.seed's run directories carry no seed suffix (as caches of the single-seed layout name them)
                 run_dir = self.work / (f"retrain_{i:02d}" if seed == self.cfg.seed else f"retrain_{i:02d}_seed{seed}")
                 with open(self.work / f"{run_dir.name}.lock", "w") as claim:
                     try:
