@@ -690,7 +690,7 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
     """Retrain `arch` (resumable, in RUN_DIR/retrain/), export it into a staging folder, measure its shipped file
     there, and move the folder to `folder` when it is within `target_ms`. Returns the model card."""
     from experiments.export import export_all
-    from experiments.train import retrain
+    from experiments.training import retrain
     from latency_lut import SHIPPED_FILES
 
     code = arch.encode()

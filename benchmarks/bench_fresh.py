@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from experiments.config import load_experiment  # noqa: E402
 from experiments.data import load_splits  # noqa: E402
-from experiments.train import train_supernet  # noqa: E402
+from experiments.training import train_supernet  # noqa: E402
 from latency_lut import Settings, measure_model, measure_model_fresh  # noqa: E402
 from search_space import SearchSpace, Supernet  # noqa: E402
 

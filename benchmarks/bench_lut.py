@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_lut.py [--work-dir DIR] [--n 50] [--skip-imagenet-ort] [--only NAME ...]
     .venv/bin/python benchmarks/bench_lut.py --work-dir DIR --report-only     # rewrite the results file only
+    .venv/bin/python benchmarks/bench_lut.py --throughput-only [--archs 100000]  # prediction speed alone
 
 For each case (space x runtime) it runs the two commands a user runs, in a fresh table file under --work-dir
 (default: a new temporary folder):
@@ -9,9 +10,14 @@ For each case (space x runtime) it runs the two commands a user runs, in a fresh
     python -m latency_lut profile  --space SPACE --runtime R --num-classes C --out DIR/NAME.json --quiet
     python -m latency_lut validate --lut DIR/NAME.json --space SPACE --n 50 --seed 0 --report-dir DIR --quiet
 
-and then times `LatencyTable.predict_many` on 100,000 sampled imagenet archs against two references measured in
-the same run: `predict` called once per arch, and a plain sum of `arch_ops` entries. CPU, 1 thread, batch 1,
-float32. Heavy steps run one at a time (the machine has two shared cores). Writes benchmarks/results/lut_cpu.md.
+CPU, 1 thread, batch 1, float32; heavy steps run one at a time (the machine has two shared cores). Writes
+benchmarks/results/lut_cpu.md.
+
+Then (and alone with --throughput-only) it times `LatencyTable.predict_many` on 100,000 sampled archs of each
+shipped space against two references measured in the same run, interleaved: `predict` called once per arch, and a
+plain sum of `arch_ops` entries; it checks that the three agree, and writes the archs/s and their ratios to
+benchmarks/results/lut_predict.md. The table there holds every op of the space with seeded random medians: how fast
+a prediction runs does not depend on the values.
 """
 
 from __future__ import annotations
@@ -104,34 +110,82 @@ def _show(command: list[str], work: Path) -> str:
     return text.replace(str(work), "$WORK").replace(str(ROOT) + "/", "")
 
 
-def throughput(lut: Path, count: int) -> dict:
-    """predict_many on `count` sampled imagenet archs, against predict per arch and a plain sum of entries."""
-    from latency_lut import LatencyTable, arch_ops
+def throughput(space_file: str, count: int, rounds: int = 7) -> dict:
+    """Archs/s of predict_many, predict and a plain sum of entries on `count` sampled archs (fastest of `rounds`,
+    interleaved), and the largest relative difference between predict_many and predict."""
+    from latency_lut import Entry, Fingerprint, LatencyTable, Settings, arch_ops, enumerate_ops
     from search_space import SearchSpace
 
-    space = SearchSpace.from_yaml(SPACES / "imagenet.yaml")
-    table = LatencyTable.load(lut)
+    space = SearchSpace.from_yaml(SPACES / space_file)
     rng = np.random.default_rng(0)
+    entries = {}
+    for op in enumerate_ops(space):
+        median = float(rng.uniform(10, 1000))
+        entries[op] = Entry(median_us=median, p10_us=median, p90_us=median, n=1)
+    table = LatencyTable(Fingerprint.current("cpu", Settings(), space.geometry), space.geometry, entries)
     archs = [space.sample(rng) for _ in range(count)]
-    table.predict_many(archs[:1000])  # fill the caches, as a search does within its first trials
-    best = {"predict_many": np.inf, "predict": np.inf, "sum of entries": np.inf}
-    entries = table.entries
-    for _ in range(3):  # interleaved; the fastest of three
+    table.predict_many(archs[:1000])  # learn the ops, as a search does within its first trials
+    for arch in archs[:1000]:
+        table.predict(arch)
+    few = archs[: max(1, count // 10)]  # the plain sum is slow: timed on a tenth
+    seconds = {"predict_many": np.inf, "predict": np.inf, "sum of entries": np.inf}
+    for _ in range(rounds):
         start = time.perf_counter()
         many = table.predict_many(archs)
-        best["predict_many"] = min(best["predict_many"], time.perf_counter() - start)
+        seconds["predict_many"] = min(seconds["predict_many"], time.perf_counter() - start)
         start = time.perf_counter()
-        single = [table.predict(a) for a in archs[: count // 10]]
-        best["predict"] = min(best["predict"], (time.perf_counter() - start) * 10)
+        single = np.array([table.predict(a) for a in archs])
+        seconds["predict"] = min(seconds["predict"], time.perf_counter() - start)
         start = time.perf_counter()
-        naive = [sum(entries[op].median_us for op in arch_ops(a, space.geometry)) for a in archs[: count // 100]]
-        best["sum of entries"] = min(best["sum of entries"], (time.perf_counter() - start) * 100)
-    np.testing.assert_allclose(many[: len(single)], single, rtol=1e-12)
-    np.testing.assert_allclose(table.predict_many(archs[: len(naive)], corrected=False) * 1e3, naive, rtol=1e-9)
-    return {k: count / v for k, v in best.items()}
+        naive = [sum(entries[op].median_us for op in arch_ops(a, space.geometry)) for a in few]
+        seconds["sum of entries"] = min(seconds["sum of entries"], (time.perf_counter() - start) * count / len(few))
+    np.testing.assert_allclose(table.predict_many(few, corrected=False) * 1e3, naive, rtol=1e-9)
+    return {"space": space.name, "archs": count, "rounds": rounds,
+            "archs_per_s": {k: count / v for k, v in seconds.items()},
+            "max_rel_diff": float(np.max(np.abs(many / single - 1)))}
 
 
-def markdown(results: list[dict], rates: dict | None, n: int) -> str:
+def throughput_markdown(rates: list[dict], command: str) -> str:
+    import datetime
+    import platform
+
+    from latency_lut.fingerprint import cpu_name
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    lines = [
+        "# Latency-table prediction speed",
+        "",
+        f"`{command}` at commit {git('rev-parse', '--short', 'HEAD')}{dirty}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu_name()} ({platform.machine()}), "
+        f"2 shared cores, one thread; Python {platform.python_version()}, numpy {np.__version__}; load average "
+        f"{os.getloadavg()[0]:.1f}.",
+        "",
+        "Each space: that many archs sampled with seed 0, the fastest of the rounds, the three paths interleaved in "
+        "one process (so they see the same machine load); the table holds every op of the space (seeded random "
+        "medians). *predict_many / predict* is the speed-up of one array call over calling `predict` per arch.",
+        "",
+        "| space | archs | predict_many (archs/s) | predict (archs/s) | sum of entries (archs/s) | "
+        "predict_many / predict | max relative difference to predict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rates:
+        a = r["archs_per_s"]
+        lines.append(f"| {r['space']} | {r['archs']:,} | {a['predict_many']:,.0f} | {a['predict']:,.0f} | "
+                     f"{a['sum of entries']:,.0f} | {a['predict_many'] / a['predict']:.2f} | "
+                     f"{r['max_rel_diff']:.1e} |")
+    lines += ["", "- *sum of entries*: `sum(table.entries[op].median_us for op in arch_ops(arch, geometry))`, what a "
+              "prediction costs without the table's caches.",
+              "- predict_many reads the archs' choices into arrays, keys every op by an integer, gathers the medians "
+              "with one `searchsorted` and adds them as array rows, in the order `predict` adds them; `predict` "
+              "looks each op up in dictionaries.", ""]
+    return "\n".join(lines)
+
+
+def markdown(results: list[dict], n: int) -> str:
     import platform
 
     import torch
@@ -169,11 +223,6 @@ def markdown(results: list[dict], rates: dict | None, n: int) -> str:
         c, cv = r["report"]["correction"], cross_validated(r["report"])
         lines.append(f"| {r['name']} | scale {c['scale']:.4f}, overhead {c['overhead_us']:.1f} us | "
                      f"{cv['mape']:.2f}% | {cv['within_10'] * 100:.1f}% | {cv['within_10_p5'] * 100:.0f}% |")
-    if rates:
-        lines += ["", "Prediction throughput (100,000 sampled imagenet archs, fastest of 3, one core):", "",
-                  "| path | archs/s | ratio to predict_many |", "|---|---|---|"]
-        for k, v in rates.items():
-            lines.append(f"| {k} | {v:,.0f} | {v / rates['predict_many']:.2f} |")
     lines += ["", "Reading the table:", "",
               "- *uncorrected*: the plain sum of the op entries (and the per-call overhead entry); *held-out*: after "
               "the correction `scale * sum + overhead` fitted on the calibration archs.",
@@ -205,11 +254,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="archs per validation (default 50)")
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
     parser.add_argument("--skip-imagenet-ort", action="store_true", help="skip the imagenet onnxruntime case")
-    parser.add_argument("--archs", type=int, default=100_000, help="archs for the throughput figure")
+    parser.add_argument("--archs", type=int, default=100_000, help="archs per space for the throughput figure")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lut_cpu.md")
+    parser.add_argument("--throughput-out", type=Path, default=ROOT / "benchmarks/results/lut_predict.md")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: rewrite --out from the finished cases in --work-dir")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the prediction speed (no profiling): writes --throughput-out")
     args = parser.parse_args()
+    if args.throughput_only:
+        command = "python benchmarks/bench_lut.py --throughput-only" + (
+            f" --archs {args.archs}" if args.archs != 100_000 else "")
+        write_throughput(args.throughput_out, args.archs, command)
+        return
     if args.report_only and args.work_dir is None:
         parser.error("--report-only needs --work-dir")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_lut-"))
@@ -226,17 +283,21 @@ def main() -> None:
                 results.append(load_case(work, name))
             continue
         results.append(case(work, name, space_file, runtime, method, classes, args.n))
-        print(markdown(results, None, args.n), flush=True)
-    rates = None
-    saved_rates = work / "bench-throughput.json"
-    if args.report_only and saved_rates.exists():
-        rates = json.loads(saved_rates.read_text())
-    elif (work / "imagenet-eager.json").exists():
-        rates = throughput(work / "imagenet-eager.json", args.archs)
-        saved_rates.write_text(json.dumps(rates, indent=1))
-        print(rates)
-    text = markdown(results, rates, args.n)
+        print(markdown(results, args.n), flush=True)
+    text = markdown(results, args.n)
     args.out.write_text(text)
+    print(text)
+    if not args.report_only:
+        write_throughput(args.throughput_out, args.archs, "python benchmarks/bench_lut.py")
+
+
+def write_throughput(out: Path, archs: int, command: str) -> None:
+    rates = []
+    for space_file in ("imagenet.yaml", "fashion_mnist.yaml"):
+        rates.append(throughput(space_file, archs))
+        print(json.dumps(rates[-1]), flush=True)
+    text = throughput_markdown(rates, command)
+    out.write_text(text)
     print(text)
 
 

@@ -19,10 +19,10 @@ import numpy as np
 import optuna
 import torch
 
+from experiments.checkpoints import load_supernet
 from experiments.config import load_experiment
 from experiments.data import load_splits
 from experiments.evaluate import Evaluator
-from experiments.train import load_supernet
 from latency_lut import LatencyTable
 from searchers.objective import Objective
 from searchers.optuna_searcher import OptunaSearcher

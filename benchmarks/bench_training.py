@@ -3,10 +3,10 @@
     python benchmarks/bench_training.py throughput [--threads 1] [--device cuda]
         Training images/s of supernet(x, arch) against the plain network of the same arch (forward, backward and an
         SGD step), measured interleaved in one process so that both see the same machine load. The steps run as
-        experiments/train.py runs them: channels_last (the recipe's), and on CUDA its autocast dtype (bf16).
+        experiments/training.py runs them: channels_last (the recipe's), and on CUDA its autocast dtype (bf16).
     python benchmarks/bench_training.py layout [--threads 1]
         CPU training images/s with NCHW against NHWC (channels_last) tensors, plain and supernet, interleaved: why
-        experiments/train.py trains channels_last on the CPU too.
+        experiments/training.py trains channels_last on the CPU too.
     python benchmarks/bench_training.py accuracy --preset quick [--threads 2]
         Retrains the reference arch (shufflenet_v2_x0_5) with the preset's recipe; records time and accuracy.
     python benchmarks/bench_training.py ranking [--threads 1] [--retrain-seeds 3] [--no-retrain | --report |
@@ -52,10 +52,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.config import load_experiment  # noqa: E402
-from experiments.data import load_splits  # noqa: E402
+from experiments.checkpoints import load_supernet  # noqa: E402
+from experiments.config import ExperimentConfig, fingerprint, load_experiment  # noqa: E402
+from experiments.data import Splits, load_splits  # noqa: E402
 from experiments.evaluate import Evaluator  # noqa: E402
-from experiments.train import load_supernet, retrain, train_supernet  # noqa: E402
+from experiments.training import retrain, train_supernet  # noqa: E402
 from search_space import Arch, SearchSpace, Supernet  # noqa: E402
 from search_space.files import atomic_write  # noqa: E402
 
@@ -76,7 +77,7 @@ def throughput(args: argparse.Namespace) -> None:
     archs = speed_archs(space)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    # As experiments/train.py trains: the supernet recipe's memory format, and on CUDA its autocast dtype.
+    # As experiments/training.py trains: the supernet recipe's memory format, and on CUDA its autocast dtype.
     recipe = cfg.supernet
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.amp) if cuda else None
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
@@ -248,83 +249,112 @@ def spread_archs(space: SearchSpace, count: int, seed: int, pool: int = 2000) ->
     return [samples[int((i + 0.5) / count * pool)] for i in range(count)]
 
 
-def ranking(args: argparse.Namespace) -> None:
-    from scipy.stats import kendalltau, spearmanr
+class RankingCache:
+    """The ranking benchmark's cache, WORK/ranking/ranking.json: the setup, every arch's retrainings and every
+    supernet's scores.
 
-    from experiments.config import fingerprint
+    Two processes may share it (one retraining, one scoring another supernet): each adds what the other has written
+    since to its own copy, under a lock, so neither loses the other's results.
+    """
 
-    work = Path(args.work_dir) / "ranking"
-    work.mkdir(parents=True, exist_ok=True)
-    cache_path = work / "ranking.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    def __init__(self, work: Path, default_seed: int) -> None:
+        self.path, self.lock = work / "ranking.json", work / "ranking.lock"
+        self.default_seed = default_seed
+        self.data: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self._upgrade()
 
-    def fill(mine: dict, theirs: dict) -> None:
-        """Add to `mine`, in place, what only `theirs` has; where both have a value, mine stays."""
-        for key, value in theirs.items():
-            if key not in mine:
-                mine[key] = value
-            elif isinstance(mine[key], dict) and isinstance(value, dict):
-                fill(mine[key], value)
+    @property
+    def rows(self) -> dict:
+        """arch code -> {"mflops", "retrains": {seed: {"val", "test", "seconds"}}}"""
+        return self.data.setdefault("archs", {})
 
-    def migrate() -> None:
-        # The first sessions kept one retraining per arch, with the config's seed, at the top level of its row.
-        for row in cache.get("archs", {}).values():
+    @property
+    def supernets(self) -> dict:
+        """label -> {"recipe", "scores": {arch code: {"val", "loss", "seconds"}}, "training", "results"}"""
+        return self.data.setdefault("supernets", {})
+
+    def check_setup(self, setup: dict) -> None:
+        """Refuse a cache made with another setup (its figures would not compare); record `setup` in a new one."""
+        if self.data.get("setup", setup) != setup:
+            raise SystemExit(f"error: {self.path} was made with {self.data['setup']}, not {setup}; use another "
+                             f"--work-dir")
+        self.data["setup"] = setup
+
+    def save(self) -> None:
+        self._sync(write=True)
+
+    def refresh(self) -> None:
+        """Take in what another process has written since."""
+        self._sync(write=False)
+
+    def _sync(self, *, write: bool) -> None:
+        with open(self.lock, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                _fill(self.data, json.loads(self.path.read_text()))
+            self._upgrade()
+            if write:
+                atomic_write(self.path, lambda f: f.write(json.dumps(self.data, indent=1) + "\n"))
+
+    def _upgrade(self) -> None:
+        # A cache of the single-seed layout keeps one retraining per arch, with the config's seed, at the top level
+        # of its row: it becomes that seed's entry.
+        for row in self.data.get("archs", {}).values():
             if "retrain_val" in row:
-                row.setdefault("retrains", {}).setdefault(str(cfg.seed), {
+                row.setdefault("retrains", {}).setdefault(str(self.default_seed), {
                     "val": row.pop("retrain_val"), "test": row.pop("retrain_test"),
                     "seconds": row.pop("retrain_seconds")})
 
-    def sync_cache(*, write: bool) -> None:
-        # Two of these processes may share the cache (one retraining, one scoring another supernet): each adds what
-        # the other has written since to its own copy, under a lock, so neither loses the other's results.
-        with open(work / "ranking.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if cache_path.exists():
-                fill(cache, json.loads(cache_path.read_text()))
-            migrate()
-            if write:
-                atomic_write(cache_path, lambda f: f.write(json.dumps(cache, indent=1) + "\n"))
 
-    def save() -> None:
-        sync_cache(write=True)
+def _fill(mine: dict, theirs: dict) -> None:
+    """Add to `mine`, in place, what only `theirs` has; where both have a value, mine stays."""
+    for key, value in theirs.items():
+        if key not in mine:
+            mine[key] = value
+        elif isinstance(mine[key], dict) and isinstance(value, dict):
+            _fill(mine[key], value)
 
-    def refresh() -> None:
-        sync_cache(write=False)
 
-    def score(entry: dict, evaluator: Evaluator, arch: Arch) -> dict:
-        """Score `arch` into the supernet's cache `entry` and save it."""
-        evaluator.evaluate(arch)
-        record = evaluator.last
-        entry["scores"][arch.encode()] = {"val": record.accuracy, "loss": record.loss, "seconds": record.seconds}
-        save()
-        return entry["scores"][arch.encode()]
-
+def ranking_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
+    """The preset with the command line's supernet overrides (returned too, for the log), augmentation as asked and
+    scoring pinned (not taken from the preset) so that every cached run of this benchmark is comparable."""
     cfg = load_experiment(CONFIG, args.preset)
     overrides = {k: v for k, v in {"lr": args.supernet_lr, "epochs": args.supernet_epochs,
                                    "max_steps_per_epoch": args.supernet_steps,
                                    "sampling": args.supernet_sampling, "ema_decay": args.supernet_ema}.items()
                  if v is not None}
-    # Augmentation and scoring are pinned (not taken from the preset) so that every cached run of this benchmark is
-    # comparable.
     cfg = dataclasses.replace(cfg, supernet=dataclasses.replace(cfg.supernet, **overrides),
                               evaluate=dataclasses.replace(cfg.evaluate, val_images=None, bn_calibration_images=2000),
                               data=dataclasses.replace(cfg.data, augment=args.augment == "on"))
-    short = dataclasses.replace(cfg.retrain, epochs=1, max_steps_per_epoch=args.retrain_steps)
-    cfg_short = dataclasses.replace(cfg, retrain=short)
-    space = SearchSpace.from_yaml(cfg.space)
-    splits = load_splits(cfg.data, cfg.seed)
-    setup = {"preset": args.preset, "archs": args.archs, "retrain_steps": args.retrain_steps, "augment": args.augment}
-    if cache.get("setup", setup) != setup:
-        raise SystemExit(f"error: {cache_path} was made with {cache['setup']}, not {setup}; use another --work-dir")
-    cache["setup"] = setup
+    return cfg, overrides
 
-    archs = spread_archs(space, args.archs, seed=123)
-    seeds = [cfg.seed + k for k in range(args.retrain_seeds)]
-    rows = cache.setdefault("archs", {})
-    migrate()
 
-    def agreement(scores: dict) -> dict | None:
+@dataclasses.dataclass
+class RankingStudy:
+    """The archs to rank, the retraining seeds whose mean accuracy is the ground truth, and the cache."""
+
+    cfg: ExperimentConfig
+    space: SearchSpace
+    splits: Splits
+    archs: list[Arch]
+    seeds: list[int]
+    work: Path
+    cache: RankingCache
+
+    @property
+    def rows(self) -> dict:
+        return self.cache.rows
+
+    def truth(self) -> list[float]:
+        """Each arch's validation accuracy averaged over the retraining seeds (the ground truth)."""
+        return [statistics.fmean(self.rows[a.encode()]["retrains"][str(seed)]["val"] for seed in self.seeds)
+                for a in self.archs]
+
+    def agreement(self, scores: dict) -> dict | None:
         """Kendall tau (and friends) of supernet `scores` against the retrained accuracies; None while incomplete."""
+        from scipy.stats import kendalltau, spearmanr
+
+        archs, seeds, rows = self.archs, self.seeds, self.rows
         if any(a.encode() not in scores or str(seed) not in rows.get(a.encode(), {}).get("retrains", {})
                for a in archs for seed in seeds):
             return None
@@ -334,7 +364,7 @@ def ranking(args: argparse.Namespace) -> None:
         sn = [scores[a.encode()]["val"] for a in archs]
         # The validation loss of the same pass, negated so that higher is better (scores cached before it have none)
         sn_loss = [-scores[a.encode()].get("loss", math.nan) for a in archs]
-        rt = [statistics.fmean(r["val"] for r in arch_runs) for arch_runs in runs]
+        rt = self.truth()
         rt_test = [statistics.fmean(r["test"] for r in arch_runs) for arch_runs in runs]
         fl = [rows[a.encode()]["mflops"] for a in archs]
         result = {
@@ -358,35 +388,87 @@ def ranking(args: argparse.Namespace) -> None:
                 kendalltau([r[k - 1]["val"] for r in runs], [r[k]["val"] for r in runs]).statistic)
         return result
 
-    if args.rescore:  # cached supernets scored before the loss was recorded: score them again from their checkpoints
-        for label, entry in list(cache.get("supernets", {}).items()):  # save() may add others
-            missing = [a for a in archs if "loss" not in entry["scores"].get(a.encode(), {})]
-            checkpoint = work / f"supernet-{label}" / "supernet.pt"
+    def score(self, entry: dict, evaluator: Evaluator, arch: Arch) -> dict:
+        """Score `arch` into the supernet's cache `entry` and save it."""
+        evaluator.evaluate(arch)
+        record = evaluator.last
+        entry["scores"][arch.encode()] = {"val": record.accuracy, "loss": record.loss, "seconds": record.seconds}
+        self.cache.save()
+        return entry["scores"][arch.encode()]
+
+    def rescore(self) -> None:
+        """Score again, from their checkpoints, the cached supernets whose scores lack the loss."""
+        for label, entry in list(self.cache.supernets.items()):  # save() may add others
+            missing = [a for a in self.archs if "loss" not in entry["scores"].get(a.encode(), {})]
+            checkpoint = self.work / f"supernet-{label}" / "supernet.pt"
             if not missing or not checkpoint.exists():
                 continue
-            evaluator = Evaluator(load_supernet(checkpoint), splits, cfg.evaluate, seed=cfg.seed)
+            evaluator = Evaluator(load_supernet(checkpoint), self.splits, self.cfg.evaluate, seed=self.cfg.seed)
             for arch in missing:
-                score(entry, evaluator, arch)
+                self.score(entry, evaluator, arch)
             print(f"rescored {len(missing)} archs of supernet {label}", flush=True)
 
-    def replica_groups(truth: list[float], sizes: tuple[int, ...] = (2, 3, 4)) -> None:
+    def report(self) -> None:
+        """Every cached supernet against the ground truth, their mean and consensus, and the replica groups."""
+        from scipy.stats import kendalltau
+
+        print(f"ground truth: validation accuracy averaged over seeds {self.seeds}, {len(self.archs)} archs")
+        print("| supernet | sampling | steps | EMA | seed | minutes | scores | Kendall τ | Spearman ρ | τ vs test "
+              "| τ by loss |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        taus: dict[str, list[float]] = {"kendall_tau": [], "kendall_tau_loss": []}
+        standardized: dict[str, list[np.ndarray]] = {"val": [], "loss": []}  # each supernet's z-scores over the archs
+        for label, entry in list(self.cache.supernets.items()):
+            result = self.agreement(entry["scores"])
+            if result is None:
+                print(f"| {label} | (not scored on every arch, or the ground truth is incomplete) |")
+                continue
+            recipe, training = entry["recipe"], entry.get("training", {})
+            vals = [entry["scores"][a.encode()]["val"] for a in self.archs]
+            for key, values in taus.items():
+                values.append(result[key])
+            for key, sign in (("val", 1), ("loss", -1)):
+                z = np.array([sign * entry["scores"][a.encode()][key] for a in self.archs])
+                standardized[key].append((z - z.mean()) / z.std())
+            print(f"| {label} | {recipe['sampling']} | {training.get('steps', '?')} | {recipe.get('ema_decay') or '-'} "
+                  f"| {recipe.get('seed', self.cfg.seed)} "
+                  f"| {training.get('minutes', float('nan')):.1f} | {min(vals):.1%}-{max(vals):.1%} "
+                  f"| {result['kendall_tau']:.2f} | {result['spearman']:.2f} "
+                  f"| {result['kendall_tau_vs_retrained_test']:.2f} | {result['kendall_tau_loss']:.2f} |")
+        if not taus["kendall_tau"]:
+            return
+        pairs = list(zip(taus["kendall_tau"], taus["kendall_tau_loss"], strict=True))
+        print(f"mean over {len(pairs)} supernets: τ {statistics.fmean(taus['kendall_tau']):.2f} by accuracy, "
+              f"{statistics.fmean(taus['kendall_tau_loss']):.2f} by loss (loss higher in "
+              f"{sum(b > a for a, b in pairs)}, lower in {sum(b < a for a, b in pairs)})")
+        # What all of them agree on: if averaging away their differences does not rank better than one of them,
+        # what keeps tau low is a bias they share, not the noise of one training run.
+        truth = self.truth()
+        consensus = {key: float(kendalltau(np.mean(z, axis=0), truth).statistic) for key, z in standardized.items()}
+        print(f"consensus of the {len(pairs)} supernets (their standardised scores averaged): τ "
+              f"{consensus['val']:.2f} by accuracy, {consensus['loss']:.2f} by loss")
+        self.replica_groups(truth)
+
+    def _taus_of_mean(self, group: list[dict], truth: list[float]) -> tuple[float, float]:
+        """τ by accuracy and by loss of the mean score of the cached supernets `group` (what K replicas give)."""
+        from scipy.stats import kendalltau
+
+        val = [statistics.fmean(e["scores"][a.encode()]["val"] for e in group) for a in self.archs]
+        loss = [-statistics.fmean(e["scores"][a.encode()]["loss"] for e in group) for a in self.archs]
+        return float(kendalltau(val, truth).statistic), float(kendalltau(loss, truth).statistic)
+
+    def replica_groups(self, truth: list[float], sizes: tuple[int, ...] = (2, 3, 4)) -> None:
         """τ of `supernet.replicas: K`, from cached supernets of one recipe: the mean score of the supernets with
         seeds s, s+1, ..., s+K-1 (s a multiple of K, so that the groups are disjoint) is what the Evaluator computes
         from K replicas with seed s (the same calibration and validation images). Beside those exact runs, every
         K of the recipe's n seeds (n choose K groups, overlapping) gives the spread to expect."""
         by_recipe: dict[str, dict[int, dict]] = {}
-        for entry in cache.get("supernets", {}).values():
-            if agreement(entry["scores"]) is None:
+        for entry in self.cache.supernets.values():
+            if self.agreement(entry["scores"]) is None:
                 continue
             recipe = {k: v for k, v in entry["recipe"].items() if k != "seed"}
             key = json.dumps(recipe, sort_keys=True)
-            by_recipe.setdefault(key, {})[entry["recipe"].get("seed", cfg.seed)] = entry
-
-        def taus(group: list[dict]) -> tuple[float, float]:
-            val = [statistics.fmean(e["scores"][a.encode()]["val"] for e in group) for a in archs]
-            loss = [-statistics.fmean(e["scores"][a.encode()]["loss"] for e in group) for a in archs]
-            return float(kendalltau(val, truth).statistic), float(kendalltau(loss, truth).statistic)
-
+            by_recipe.setdefault(key, {})[entry["recipe"].get("seed", self.cfg.seed)] = entry
         for size in sizes:
             exact, spread = [], []
             for key, entries in by_recipe.items():
@@ -397,132 +479,139 @@ def ranking(args: argparse.Namespace) -> None:
                 for s in sorted(entries):
                     block = [s + k for k in range(size)]
                     if s % size == 0 and all(seed in entries for seed in block):
-                        exact.append((*name, ", ".join(map(str, block)), *taus([entries[seed] for seed in block])))
-                every = [taus([entries[seed] for seed in group])[0]
+                        exact.append((*name, ", ".join(map(str, block)),
+                                      *self._taus_of_mean([entries[seed] for seed in block], truth)))
+                every = [self._taus_of_mean([entries[seed] for seed in group], truth)[0]
                          for group in itertools.combinations(sorted(entries), size)]
                 spread.append((*name, len(entries), len(every), statistics.fmean(every), min(every),
                                sum(t >= 0.6 - 1e-9 for t in every) / len(every)))
-            if exact:
-                print(f"\nreplicas: {size} ({size} supernets of one recipe, seeds s to s+{size - 1}, scored by "
-                      "their mean)")
-                print("| sampling | steps | EMA | seeds | Kendall τ | τ by loss |")
-                print("|---|---:|---:|---|---:|---:|")
-                for sampling, steps, ema, seeds_, tau, tau_loss in exact:
-                    print(f"| {sampling} | {steps} | {ema} | {seeds_} | {tau:.2f} | {tau_loss:.2f} |")
-            if spread:
-                print(f"\nreplicas: {size}, every {size} of a recipe's seeds (overlapping groups), by accuracy")
-                print("| sampling | steps | EMA | seeds | groups | mean τ | lowest τ | share τ >= 0.6 |")
-                print("|---|---:|---:|---:|---:|---:|---:|---:|")
-                for sampling, steps, ema, n, groups, mean, low, share in spread:
-                    print(f"| {sampling} | {steps} | {ema} | {n} | {groups} | {mean:.2f} | {low:.2f} | {share:.0%} |")
+            _print_replica_tables(size, exact, spread)
 
-    if args.report or args.rescore:  # every cached supernet against the ground truth of `seeds`; nothing is trained
-        print(f"ground truth: validation accuracy averaged over seeds {seeds}, {args.archs} archs")
-        print("| supernet | sampling | steps | EMA | seed | minutes | scores | Kendall τ | Spearman ρ | τ vs test "
-              "| τ by loss |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        taus: dict[str, list[float]] = {"kendall_tau": [], "kendall_tau_loss": []}
-        standardized: dict[str, list[np.ndarray]] = {"val": [], "loss": []}  # each supernet's z-scores over the archs
-        for label, entry in list(cache.get("supernets", {}).items()):
-            result = agreement(entry["scores"])
-            if result is None:
-                print(f"| {label} | (not scored on every arch, or the ground truth is incomplete) |")
-                continue
-            recipe, training = entry["recipe"], entry.get("training", {})
-            vals = [entry["scores"][a.encode()]["val"] for a in archs]
-            for key, values in taus.items():
-                values.append(result[key])
-            for key, sign in (("val", 1), ("loss", -1)):
-                z = np.array([sign * entry["scores"][a.encode()][key] for a in archs])
-                standardized[key].append((z - z.mean()) / z.std())
-            print(f"| {label} | {recipe['sampling']} | {training.get('steps', '?')} | {recipe.get('ema_decay') or '-'} "
-                  f"| {recipe.get('seed', cfg.seed)} "
-                  f"| {training.get('minutes', float('nan')):.1f} | {min(vals):.1%}-{max(vals):.1%} "
-                  f"| {result['kendall_tau']:.2f} | {result['spearman']:.2f} "
-                  f"| {result['kendall_tau_vs_retrained_test']:.2f} | {result['kendall_tau_loss']:.2f} |")
-        if taus["kendall_tau"]:
-            pairs = list(zip(taus["kendall_tau"], taus["kendall_tau_loss"], strict=True))
-            print(f"mean over {len(pairs)} supernets: τ {statistics.fmean(taus['kendall_tau']):.2f} by accuracy, "
-                  f"{statistics.fmean(taus['kendall_tau_loss']):.2f} by loss (loss higher in "
-                  f"{sum(b > a for a, b in pairs)}, lower in {sum(b < a for a, b in pairs)})")
-            # What all of them agree on: if averaging away their differences does not rank better than one of them,
-            # what keeps tau low is a bias they share, not the noise of one training run.
-            truth = [statistics.fmean(rows[a.encode()]["retrains"][str(seed)]["val"] for seed in seeds) for a in archs]
-            consensus = {key: float(kendalltau(np.mean(z, axis=0), truth).statistic) for key, z in standardized.items()}
-            print(f"consensus of the {len(pairs)} supernets (their standardised scores averaged): τ "
-                  f"{consensus['val']:.2f} by accuracy, {consensus['loss']:.2f} by loss")
-            replica_groups(truth)
-        return
+    def train_and_score(self, supernet_seed: int | None, overrides: dict) -> dict:
+        """Train the supernet of the recipe (resumable) and score every arch with it; returns its cache entry.
 
-    # Retraining results do not depend on the supernet; supernet scores are kept per supernet recipe. The config's
-    # seed keeps the label the first runs had, from the recipe alone; another seed joins the recipe.
-    recipe = cfg.supernet.identity()
-    supernet_seed = cfg.seed if args.supernet_seed is None else args.supernet_seed
-    if supernet_seed != cfg.seed:
-        recipe["seed"] = supernet_seed
-    label = fingerprint(recipe)
-    entry = cache.setdefault("supernets", {}).setdefault(label, {"recipe": recipe, "scores": {}})
-    start = time.perf_counter()
-    torch.manual_seed(supernet_seed)
-    supernet = Supernet(space, splits.num_classes)
-    history = train_supernet(supernet, splits, cfg, work / f"supernet-{label}", seed=supernet_seed, progress=False)
-    images = sum(h.images_per_s * h.seconds for h in history)
-    entry["training"] = {"steps": round(images / cfg.supernet.batch_size),
-                         "minutes": sum(h.seconds for h in history) / 60, "last_loss": history[-1].loss,
-                         "last_train_accuracy": history[-1].accuracy}
-    save()
-    print(f"supernet {label} ({overrides or 'preset'}): {len(history)} epochs, "
-          f"{entry['training']['minutes']:.1f} min of training, last loss {history[-1].loss:.3f}", flush=True)
+        Retraining results do not depend on the supernet; supernet scores are kept per supernet recipe. The config's
+        seed keeps the label of a recipe alone; another seed joins the recipe.
+        """
+        cfg, splits = self.cfg, self.splits
+        recipe = cfg.supernet.identity()
+        supernet_seed = cfg.seed if supernet_seed is None else supernet_seed
+        if supernet_seed != cfg.seed:
+            recipe["seed"] = supernet_seed
+        label = fingerprint(recipe)
+        entry = self.cache.supernets.setdefault(label, {"recipe": recipe, "scores": {}})
+        torch.manual_seed(supernet_seed)
+        supernet = Supernet(self.space, splits.num_classes)
+        history = train_supernet(supernet, splits, cfg, self.work / f"supernet-{label}", seed=supernet_seed,
+                                 progress=False)
+        images = sum(h.images_per_s * h.seconds for h in history)
+        entry["training"] = {"steps": round(images / cfg.supernet.batch_size),
+                             "minutes": sum(h.seconds for h in history) / 60, "last_loss": history[-1].loss,
+                             "last_train_accuracy": history[-1].accuracy}
+        self.cache.save()
+        print(f"supernet {label} ({overrides or 'preset'}): {len(history)} epochs, "
+              f"{entry['training']['minutes']:.1f} min of training, last loss {history[-1].loss:.3f}", flush=True)
+        evaluator = Evaluator(supernet.eval(), splits, cfg.evaluate, seed=cfg.seed)
+        for arch in self.archs:
+            code = arch.encode()
+            self.rows.setdefault(code, {"mflops": self.space.cost(arch, 10).mflops})
+            if "loss" not in entry["scores"].get(code, {}):
+                scored = self.score(entry, evaluator, arch)
+                print(f"supernet {scored['val']:.4f} loss {scored['loss']:.4f} ({scored['seconds']:.1f} s) "
+                      f"{self.rows[code]['mflops']:5.1f} MFLOPs {code}", flush=True)
+        return entry
 
-    evaluator = Evaluator(supernet.eval(), splits, cfg.evaluate, seed=cfg.seed)
-    for arch in archs:
-        code = arch.encode()
-        rows.setdefault(code, {"mflops": space.cost(arch, 10).mflops})
-        if "loss" not in entry["scores"].get(code, {}):
-            scored = score(entry, evaluator, arch)
-            print(f"supernet {scored['val']:.4f} loss {scored['loss']:.4f} ({scored['seconds']:.1f} s) "
-                  f"{rows[code]['mflops']:5.1f} MFLOPs {code}", flush=True)
-    for seed in seeds if not args.no_retrain else []:
-        for i, arch in enumerate(archs):
-            row = rows[arch.encode()]
-            if str(seed) in row.get("retrains", {}):
-                continue
-            # cfg.seed's run directories keep the name they had before there were several seeds
-            run_dir = work / (f"retrain_{i:02d}" if seed == cfg.seed else f"retrain_{i:02d}_seed{seed}")
-            with open(work / f"{run_dir.name}.lock", "w") as claim:
-                try:  # two processes retraining at once take turns by arch: each skips what the other holds
-                    fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                refresh()  # picks up what another process has retrained meanwhile
+    def retrain_all(self, cfg_short: ExperimentConfig) -> None:
+        """Retrain every arch with every seed not in the cache yet (the ground truth), with the short recipe.
+
+        Two processes retraining at once take turns by arch: each claims one under a lock and skips what the other
+        holds.
+        """
+        for seed in self.seeds:
+            for i, arch in enumerate(self.archs):
+                row = self.rows[arch.encode()]
                 if str(seed) in row.get("retrains", {}):
                     continue
-                result = retrain(space, arch, splits, cfg_short, run_dir, seed=seed, progress=False)
-                row.setdefault("retrains", {})[str(seed)] = {
-                    "val": result.val_accuracy, "test": result.test_accuracy, "seconds": result.seconds}
-                save()  # before the claim is let go
-            print(f"retrain seed {seed} {result.val_accuracy:.4f} ({result.seconds / 60:.1f} min) "
-                  f"{row['mflops']:5.1f} MFLOPs {arch.encode()}", flush=True)
-    refresh()
-    result = agreement(entry["scores"])
-    if result is None:
-        print(f"scored; the ground truth for seeds {seeds} is not complete yet: run again without --no-retrain")
+                # cfg.seed's run directories carry no seed suffix (as caches of the single-seed layout name them)
+                run_dir = self.work / (f"retrain_{i:02d}" if seed == self.cfg.seed else f"retrain_{i:02d}_seed{seed}")
+                with open(self.work / f"{run_dir.name}.lock", "w") as claim:
+                    try:
+                        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                    self.cache.refresh()  # picks up what another process has retrained meanwhile
+                    if str(seed) in row.get("retrains", {}):
+                        continue
+                    result = retrain(self.space, arch, self.splits, cfg_short, run_dir, seed=seed, progress=False)
+                    row.setdefault("retrains", {})[str(seed)] = {
+                        "val": result.val_accuracy, "test": result.test_accuracy, "seconds": result.seconds}
+                    self.cache.save()  # before the claim is let go
+                print(f"retrain seed {seed} {result.val_accuracy:.4f} ({result.seconds / 60:.1f} min) "
+                      f"{row['mflops']:5.1f} MFLOPs {arch.encode()}", flush=True)
+
+    def print_result(self, entry: dict, result: dict) -> None:
+        """One supernet's scores beside the retrained accuracies, arch by arch, then its agreement figures."""
+        seeds = self.seeds
+        print("| # | MFLOPs | supernet val | retrained val (mean) | " + " | ".join(f"seed {s}" for s in seeds)
+              + " | retrained test (mean) | arch |")
+        print("|---:|---:|---:|---:|" + "---:|" * len(seeds) + "---:|---|")
+        for i, arch in enumerate(self.archs):
+            row = self.rows[arch.encode()]
+            runs = [row["retrains"][str(seed)] for seed in seeds]
+            print(f"| {i} | {row['mflops']:.1f} | {entry['scores'][arch.encode()]['val']:.4f} "
+                  f"| {statistics.fmean(r['val'] for r in runs):.4f} | "
+                  + " | ".join(f"{r['val']:.4f}" for r in runs)
+                  + f" | {statistics.fmean(r['test'] for r in runs):.4f} | `{arch.encode()}` |")
+        for key, value in result.items():
+            if key != "retrain_seeds":
+                print(f"{key}: {value:.3f}")
+
+
+def _print_replica_tables(size: int, exact: list[tuple], spread: list[tuple]) -> None:
+    if exact:
+        print(f"\nreplicas: {size} ({size} supernets of one recipe, seeds s to s+{size - 1}, scored by their mean)")
+        print("| sampling | steps | EMA | seeds | Kendall τ | τ by loss |")
+        print("|---|---:|---:|---|---:|---:|")
+        for sampling, steps, ema, seeds, tau, tau_loss in exact:
+            print(f"| {sampling} | {steps} | {ema} | {seeds} | {tau:.2f} | {tau_loss:.2f} |")
+    if spread:
+        print(f"\nreplicas: {size}, every {size} of a recipe's seeds (overlapping groups), by accuracy")
+        print("| sampling | steps | EMA | seeds | groups | mean τ | lowest τ | share τ >= 0.6 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for sampling, steps, ema, n, groups, mean, low, share in spread:
+            print(f"| {sampling} | {steps} | {ema} | {n} | {groups} | {mean:.2f} | {low:.2f} | {share:.0%} |")
+
+
+def ranking(args: argparse.Namespace) -> None:
+    cfg, overrides = ranking_config(args)
+    work = Path(args.work_dir) / "ranking"
+    work.mkdir(parents=True, exist_ok=True)
+    cache = RankingCache(work, cfg.seed)
+    cache.check_setup({"preset": args.preset, "archs": args.archs, "retrain_steps": args.retrain_steps,
+                       "augment": args.augment})
+    space = SearchSpace.from_yaml(cfg.space)
+    study = RankingStudy(cfg=cfg, space=space, splits=load_splits(cfg.data, cfg.seed),
+                         archs=spread_archs(space, args.archs, seed=123),
+                         seeds=[cfg.seed + k for k in range(args.retrain_seeds)], work=work, cache=cache)
+    if args.rescore:  # cached supernets scored before the loss was recorded
+        study.rescore()
+    if args.report or args.rescore:  # every cached supernet against the ground truth; nothing is trained
+        study.report()
         return
-    entry.setdefault("results", {})[",".join(map(str, seeds))] = result
-    save()
+    start = time.perf_counter()
+    entry = study.train_and_score(args.supernet_seed, overrides)
+    if not args.no_retrain:
+        short = dataclasses.replace(cfg.retrain, epochs=1, max_steps_per_epoch=args.retrain_steps)
+        study.retrain_all(dataclasses.replace(cfg, retrain=short))
+    cache.refresh()
+    result = study.agreement(entry["scores"])
+    if result is None:
+        print(f"scored; the ground truth for seeds {study.seeds} is not complete yet: run again without --no-retrain")
+        return
+    entry.setdefault("results", {})[",".join(map(str, study.seeds))] = result
+    cache.save()
     print(f"(this call {(time.perf_counter() - start) / 60:.1f} min)")
-    print("| # | MFLOPs | supernet val | retrained val (mean) | " + " | ".join(f"seed {s}" for s in seeds)
-          + " | retrained test (mean) | arch |")
-    print("|---:|---:|---:|---:|" + "---:|" * len(seeds) + "---:|---|")
-    for i, arch in enumerate(archs):
-        row, runs = rows[arch.encode()], [rows[arch.encode()]["retrains"][str(seed)] for seed in seeds]
-        print(f"| {i} | {row['mflops']:.1f} | {entry['scores'][arch.encode()]['val']:.4f} "
-              f"| {statistics.fmean(r['val'] for r in runs):.4f} | "
-              + " | ".join(f"{r['val']:.4f}" for r in runs)
-              + f" | {statistics.fmean(r['test'] for r in runs):.4f} | `{arch.encode()}` |")
-    for key, value in result.items():
-        if key != "retrain_seeds":
-            print(f"{key}: {value:.3f}")
+    study.print_result(entry, result)
 
 
 def main() -> None:

@@ -112,7 +112,7 @@ def cmd_imports(args: argparse.Namespace) -> int:
     import scipy.optimize  # noqa: F401  (latency_lut.validation fits its correction with it)
 
     import search  # noqa: F401  (search.py: the module itself, as `python search.py` loads it)
-    from experiments import data, evaluate, export, report, train  # noqa: F401
+    from experiments import checkpoints, data, evaluate, export, report, train, training  # noqa: F401
     from latency_lut import profiler, validation  # noqa: F401
     from searchers import optuna_searcher  # noqa: F401
 

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.checkpoints import load_supernet
 from experiments.config import ConfigError, EvaluateConfig, load_experiment
 from experiments.data import ImageDataset, Splits, load_splits, make_loader
-from search_space import Arch, Supernet
+from search_space import Arch, Supernet, parse_arch, space_to_dict
 from search_space.network import ShuffleNetV2
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -200,8 +201,6 @@ class Evaluator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.train import load_supernet, parse_arch, space_to_dict  # train imports this module
-
     parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML file")
     parser.add_argument("--preset", default="quick", help="preset in the file (default: quick)")

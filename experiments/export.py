@@ -20,27 +20,12 @@ import numpy as np
 import torch
 import yaml
 
-from experiments.train import CHECKPOINT_FORMAT, load_model  # noqa: F401 (load_model: part of this API)
+from experiments.checkpoints import load_model, save_model  # noqa: F401 (load_model: part of this API)
 from search_space import Arch, SearchSpace, ShuffleNetV2, Supernet
 from search_space.files import atomic_write
 
 ONNX_TOLERANCE = 1e-4  # max abs logit difference between ONNX Runtime and eager PyTorch
 MAX_BATCH = 1024  # upper bound of the exported dynamic batch dimension
-
-
-def save_model(model: ShuffleNetV2, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """state_dict + arch + geometry (+ plain extras such as mean/std), loadable with weights_only=True by
-    `load_model` (no supernet and no space file needed)."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "kind": "model",  # the same file retraining writes: experiments.train.load_model reads both
-        "arch": model.arch.encode(),
-        "geometry": model.geometry.to_dict(),
-        "num_classes": model.num_classes,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **(extra or {}),
-    }
-    atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
 
 
 def export_program(model: ShuffleNetV2, path: str | Path) -> None:

@@ -38,10 +38,10 @@ class SupernetEvaluatorFactory:
     def __call__(self):
         import torch
 
+        from experiments.checkpoints import load_supernet
         from experiments.config import load_experiment
         from experiments.data import load_splits
         from experiments.evaluate import Evaluator
-        from experiments.train import load_supernet
 
         torch.set_num_threads(self.threads)
         cfg = load_experiment(self.config, self.preset)
@@ -80,7 +80,7 @@ class ScratchTrainer:
         self.space, self.splits, self.cfg, self.seed, self.device = space, splits, cfg, seed, device
 
     def train(self, arch: Arch, epochs: int, workdir: str, report: Callable[[int, float], None]) -> float:
-        from experiments.train import retrain
+        from experiments.training import retrain
 
         cfg = replace(self.cfg, retrain=replace(self.cfg.retrain, epochs=epochs, from_supernet=False))
         result = retrain(self.space, arch, self.splits, cfg, Path(workdir), seed=self.seed, device=self.device,

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
+from experiments.checkpoints import SUPERNET_CHECKPOINT, load_supernet
 from experiments.config import ExperimentConfig, fingerprint
 from experiments.data import Splits
-from experiments.train import SUPERNET_CHECKPOINT, load_supernet, space_to_dict, train_supernet
-from search_space import SearchSpace, Supernet
+from experiments.training import train_supernet
+from search_space import SearchSpace, Supernet, space_to_dict
 from search_space.files import cache_home
 
 
@@ -48,7 +49,7 @@ class SupernetEntry:
 
 def supernet_identity(space: SearchSpace, cfg: ExperimentConfig, num_classes: int, seed: int) -> dict[str, Any]:
     """What one supernet depends on, as `train_supernet` records it in its checkpoint."""
-    from experiments.train import _data_identity
+    from experiments.training import _data_identity
 
     return {"kind": "supernet", "space": space_to_dict(space), "num_classes": num_classes,
             "data": _data_identity(cfg.data), "recipe": cfg.supernet.identity(), "seed": seed}

@@ -96,8 +96,7 @@ class OpSignature:
 
 
 def stem_op(geometry: Geometry, width: int) -> OpSignature:
-    stride = 2 if geometry.stem_kind == "imagenet" else 1
-    return OpSignature("stem", geometry.in_channels, width, geometry.input_size, stride=stride, kernel=3)
+    return OpSignature("stem", geometry.in_channels, width, geometry.input_size, stride=geometry.stem_stride, kernel=3)
 
 
 def unit_op(shape: UnitShape) -> OpSignature:

@@ -18,6 +18,7 @@ File format (JSON, written atomically)::
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -285,12 +286,22 @@ class LatencyTable:
         return float(self.correction.apply_us(total) if corrected else total) / 1e3
 
     def predict_many(self, archs: Iterable[Arch], corrected: bool = True) -> np.ndarray:
-        """`predict` for many archs at once (elementwise equal to it), as a float64 array of milliseconds.
+        """`predict` for many archs at once, as a float64 array of milliseconds (equal to `predict`, bit for bit).
 
-        Per-choice sums are cached as dictionaries keyed by (stage, widths) and unit choice, so an arch costs a few
-        dictionary lookups per unit (well over 100,000 archs/s on one CPU core).
+        The archs are read once into arrays of their choices; each op is then a 60-bit integer key (its slot kind,
+        stage, widths, kernel and split), the table's medians are gathered for the distinct keys, and the sums run
+        as array additions over the archs, in the order `predict` adds (see benchmarks/bench_lut.py for the speed).
+
+        Raises:
+            MissingEntry: an op of one of the archs was not measured (names it and the arch).
         """
-        totals = np.fromiter((self._arch_us(a) for a in archs), dtype=np.float64)
+        archs = iter(archs)
+        parts = []
+        while chunk := list(itertools.islice(archs, _CHUNK)):
+            keys = _SlotKeys.of(chunk, self._split_codes)
+            parts.append(self._chunk_us(chunk, keys) if keys is not None else
+                         np.fromiter(map(self._arch_us, chunk), np.float64, len(chunk)))
+        totals = np.concatenate(parts) if parts else np.zeros(0)
         return (self.correction.apply_us(totals) if corrected else totals) / 1e3
 
     def breakdown(self, arch: Arch) -> list[Contribution]:
@@ -346,6 +357,42 @@ class LatencyTable:
         self._first: dict[tuple[int, int, int], dict[Unit, float]] = {}
         self._rest: dict[tuple[int, int], dict[Unit, float]] = {}
         self._call: float | None = None
+        self._slot_us: dict[int, float] = {}  # predict_many: op key (see _SlotKeys) -> median
+        self._known_keys = np.zeros(0, dtype=np.int64)  # the keys of _slot_us, sorted, and their medians
+        self._known_us = np.zeros(0)
+        self._split_codes = _SplitCodes()
+
+    def _known_at(self, keys: np.ndarray) -> np.ndarray | None:
+        """Where each of `keys` is in `_known_keys`; None when one is not there."""
+        if not len(self._known_keys):
+            return None
+        at = np.minimum(np.searchsorted(self._known_keys, keys), len(self._known_keys) - 1)
+        return at if np.array_equal(self._known_keys[at], keys) else None
+
+    def _chunk_us(self, archs: list[Arch], keys: _SlotKeys) -> np.ndarray:
+        """Uncorrected microseconds of `archs`, whose ops `keys` holds."""
+        every = keys.all()
+        at = self._known_at(every)
+        if at is None:  # ops not seen before: learn them from an arch that has each, then look again
+            for index in np.flatnonzero(~np.isin(every, self._known_keys)).tolist():
+                if int(every[index]) not in self._slot_us:  # not learnt meanwhile from an arch that shares it
+                    a = keys.arch_of(index)
+                    values = self._learn(archs[a])  # stem, units..., head, call: the order of keys.of_arch
+                    self._slot_us.update(zip(keys.of_arch(a).tolist(), values[:-1], strict=True))
+            self._known_keys = np.array(sorted(self._slot_us), dtype=np.int64)
+            self._known_us = np.array([self._slot_us[k] for k in self._known_keys.tolist()])
+            at = self._known_at(every)
+        if self._call is None:
+            self._learn(archs[0])
+        # Row r holds each arch's r-th op (zero past its last): adding the rows in turn adds every arch's ops in
+        # forward order, as `_cached_us` does, so the sums equal `predict`'s exactly (x + 0.0 is x).
+        rows = np.zeros((keys.width, len(archs)))
+        rows[keys.rows, keys.columns] = self._known_us[at]
+        total = rows[0].copy()
+        for row in rows[1:]:
+            total += row
+        total += self._call
+        return total
 
     def _arch_us(self, arch: Arch) -> float:
         try:
@@ -355,23 +402,28 @@ class LatencyTable:
             return self._cached_us(arch)
 
     def _cached_us(self, arch: Arch) -> float:
-        stages = arch.stages
+        # One op at a time, in forward order: predict_many adds in the same order, so both give the same floats.
         total = self._stem[arch.stem]
         previous = arch.stem
-        for i, stage in enumerate(stages):
+        for i, stage in enumerate(arch.stages):
             units, width = stage.units, stage.width
             total += self._first[(i, previous, width)][units[0]]
             if len(units) > 1:
-                total += sum(map(self._rest[(i, width)].__getitem__, units[1:]))
+                rest = self._rest[(i, width)]
+                for unit in units[1:]:
+                    total += rest[unit]
             previous = width
-        return total + self._head[(previous, arch.head)] + self._call
+        total += self._head[(previous, arch.head)]
+        return total + self._call
 
-    def _learn(self, arch: Arch) -> None:
-        """Fill the caches with the ops of `arch` (MissingEntry if one is not in the table)."""
+    def _learn(self, arch: Arch) -> list[float]:
+        """Fill the caches with the ops of `arch` and return their medians in forward order (stem, units, head,
+        call); MissingEntry if one is not in the table."""
         ops = arch_ops(arch, self.geometry)
-        names = op_names(arch)
-        values = [self.entry(op, f" ({name} of {arch.encode()})").median_us for name, op in zip(names, ops,
-                                                                                                 strict=True)]
+        if any(op not in self._entries for op in ops):  # name the first missing op and where it sits
+            for name, op in zip(op_names(arch), ops, strict=True):
+                self.entry(op, f" ({name} of {arch.encode()})")
+        values = [self._entries[op].median_us for op in ops]
         self._stem[arch.stem] = values[0]
         self._call = values[-1]
         self._head[(arch.stages[-1].width, arch.head)] = values[-2]
@@ -383,6 +435,131 @@ class LatencyTable:
                 rest[unit] = values[k + j]
             k += stage.depth
             previous = stage.width
+        return values
+
+
+_CHUNK = 1 << 15  # predict_many reads this many archs at a time: its arrays stay a few MB whatever the count
+# Bits of a slot key, from the top: slot kind (stem, first unit, other unit, head), stage index, previous width (the
+# stage's input; the last stage's for the head), width (stem, stage or head), kernel, split code.
+_KEY_BITS = {"kind": 2, "stage": 6, "previous": 16, "width": 16, "kernel": 8, "split": 12}
+_STEM, _FIRST, _REST, _HEAD = range(4)
+
+
+class _SplitCodes:
+    """Small integer codes for unit splits, in order of first appearance (a table's codes never change)."""
+
+    def __init__(self) -> None:
+        self._codes: dict[float, int] = {}
+        self._sorted = np.zeros(0)
+        self._sorted_codes = np.zeros(0, dtype=np.int64)
+
+    def __call__(self, splits: np.ndarray) -> np.ndarray | None:
+        """The codes of `splits`; None for a split that cannot have one (NaN, or more than the key holds)."""
+        codes = self._lookup(splits)
+        if codes is None:
+            for value in np.unique(splits).tolist():
+                self._codes.setdefault(value, len(self._codes))
+            self._sorted = np.array(sorted(self._codes))
+            self._sorted_codes = np.array([self._codes[v] for v in self._sorted.tolist()], dtype=np.int64)
+            codes = self._lookup(splits)
+        return codes if codes is not None and len(self._codes) <= 1 << _KEY_BITS["split"] else None
+
+    def _lookup(self, splits: np.ndarray) -> np.ndarray | None:
+        if not len(self._sorted):
+            return None if len(splits) else np.zeros(0, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._sorted, splits), len(self._sorted) - 1)
+        return self._sorted_codes[at] if np.array_equal(self._sorted[at], splits) else None
+
+
+@dataclass(frozen=True)
+class _SlotKeys:
+    """The ops of a list of archs as integer keys: per arch its stem, its units in order and its head.
+
+    Attributes:
+        stem, units, head: the keys; `units` holds every arch's units, arch after arch.
+        unit_arch: the arch of each unit.
+        unit_start, unit_count: where each arch's units begin in `units`, and how many it has.
+        rows, columns: where each key of `all()` goes in predict_many's (op position, arch) array.
+        width: the most ops (stem, units, head) of any arch.
+    """
+
+    stem: np.ndarray
+    units: np.ndarray
+    head: np.ndarray
+    unit_arch: np.ndarray
+    unit_start: np.ndarray
+    unit_count: np.ndarray
+    rows: np.ndarray
+    columns: np.ndarray
+    width: int
+
+    @classmethod
+    def of(cls, archs: list[Arch], split_codes: _SplitCodes) -> _SlotKeys | None:
+        """The keys of `archs`; None when a choice does not fit its bits (then predict_many adds arch by arch)."""
+        n = len(archs)
+        stage_lists = [a.stages for a in archs]
+        stage_count = np.fromiter(map(len, stage_lists), np.int64, n)
+        stages = list(itertools.chain.from_iterable(stage_lists))
+        unit_lists = [s.units for s in stages]
+        depth = np.fromiter(map(len, unit_lists), np.int64, len(stages))
+        units = list(itertools.chain.from_iterable(unit_lists))
+        width = np.fromiter([s.width for s in stages], np.int64, len(stages))
+        kernel = np.fromiter([u.kernel for u in units], np.int64, len(units))
+        split = split_codes(np.fromiter([u.split for u in units], np.float64, len(units)))
+        stem = np.fromiter([a.stem for a in archs], np.int64, n)
+        head = np.fromiter([a.head for a in archs], np.int64, n)
+        if (split is None or stage_count.min() < 1 or depth.min() < 1 or stage_count.max() >= 1 << _KEY_BITS["stage"]
+                or not all(_fits(v, _KEY_BITS[f]) for v, f in ((width, "width"), (stem, "width"), (head, "width"),
+                                                              (kernel, "kernel")))):
+            return None
+        # Per stage: its arch, its index in the arch, and its input width (the previous stage's, or the stem's).
+        stage_start = np.cumsum(stage_count) - stage_count
+        stage_index = np.arange(len(stages)) - np.repeat(stage_start, stage_count)
+        previous = np.concatenate(([0], width[:-1]))
+        previous[stage_start] = stem
+        # Per unit: its stage, and whether it is the stage's first (the downsampling unit, keyed by both widths).
+        unit_stage = np.repeat(np.arange(len(stages)), depth)
+        first = np.arange(len(units)) == np.repeat(np.cumsum(depth) - depth, depth)
+        unit_count = np.add.reduceat(depth, stage_start)
+        unit_start = np.cumsum(unit_count) - unit_count
+        unit_arch = np.repeat(np.arange(n), unit_count)
+        position = np.arange(len(units)) - unit_start[unit_arch]  # the unit's place among its arch's units
+        last_width = width[stage_start + stage_count - 1]
+        zeros = np.zeros(n, dtype=np.int64)
+        return cls(
+            stem=_key(_STEM, zeros, zeros, stem, zeros, zeros),
+            units=_key(np.where(first, _FIRST, _REST), stage_index[unit_stage],
+                       np.where(first, previous[unit_stage], 0), width[unit_stage], kernel, split),
+            head=_key(_HEAD, zeros, last_width, head, zeros, zeros),
+            unit_arch=unit_arch, unit_start=unit_start, unit_count=unit_count,
+            rows=np.concatenate((zeros, 1 + position, 1 + unit_count)),
+            columns=np.concatenate((np.arange(n), unit_arch, np.arange(n))),
+            width=int(unit_count.max()) + 2,
+        )
+
+    def all(self) -> np.ndarray:
+        return np.concatenate((self.stem, self.units, self.head))
+
+    def arch_of(self, index: int) -> int:
+        """The arch of the `index`-th key of `all()`."""
+        return int(self.columns[index])
+
+    def of_arch(self, a: int) -> np.ndarray:
+        """The keys of arch `a` in forward order: stem, units, head."""
+        start = self.unit_start[a]
+        return np.concatenate(([self.stem[a]], self.units[start:start + self.unit_count[a]], [self.head[a]]))
+
+
+def _fits(values: np.ndarray, bits: int) -> bool:
+    return bool(len(values) == 0 or (values.min() >= 0 and values.max() < 1 << bits))
+
+
+def _key(kind, stage, previous, width, kernel, split) -> np.ndarray:
+    key = np.asarray(kind, dtype=np.int64)
+    for value, field in ((stage, "stage"), (previous, "previous"), (width, "width"), (kernel, "kernel"),
+                         (split, "split")):
+        key = (key << _KEY_BITS[field]) | value
+    return key
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any], compact_key: str | None = None) -> None:

@@ -7,7 +7,7 @@ from search_space.arch import Arch, Stage, Unit
 from search_space.cost import Cost, arch_cost
 from search_space.layout import Geometry, UnitShape, unit_shapes
 from search_space.network import ShuffleNetV2
-from search_space.space import REFERENCES, SearchSpace, SpaceError, reference_arch
+from search_space.space import REFERENCES, SearchSpace, SpaceError, parse_arch, reference_arch, space_to_dict
 from search_space.supernet import Supernet
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "Unit",
     "UnitShape",
     "arch_cost",
+    "parse_arch",
     "reference_arch",
+    "space_to_dict",
     "unit_shapes",
 ]

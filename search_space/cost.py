@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from search_space.arch import Arch
-from search_space.layout import Geometry, UnitShape, conv_out, head_size, unit_shapes
+from search_space.layout import Geometry, UnitShape, head_size, unit_shapes
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ def _unit_cost(s: UnitShape) -> tuple[int, int]:
 
 def arch_cost(arch: Arch, geometry: Geometry, num_classes: int = 1000) -> Cost:
     """Parameters (equal to the built model's count) and multiply-adds of `arch` at `geometry`."""
-    stem_stride = 2 if geometry.stem_kind == "imagenet" else 1
-    stem_size = conv_out(geometry.input_size, stem_stride)
+    stem_size = geometry.stem_conv_size
     params = geometry.in_channels * arch.stem * 9 + 2 * arch.stem
     macs = geometry.in_channels * arch.stem * 9 * stem_size * stem_size
     for shapes in unit_shapes(arch, geometry):

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 from search_space.arch import FIRST_STAGE, Arch
 
-STEM_KINDS = ("imagenet", "small")  # imagenet: 3x3 stride-2 conv + 3x3 stride-2 max-pool; small: 3x3 stride-1 conv
+# The stems, as (stride of the 3x3 conv, stride of the 3x3 max-pool after it; 1: no pool). imagenet is torchvision's
+# (224 -> 56 before stage2); small keeps full resolution, as 28x28 images have no pixels to spare for downsampling.
+STEMS: dict[str, tuple[int, int]] = {"imagenet": (2, 2), "small": (1, 1)}
+STEM_KINDS = tuple(STEMS)
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,7 @@ class Geometry:
     Attributes:
         input_size: side of the (square) input image in pixels.
         in_channels: 3 for RGB, 1 for grayscale.
-        stem_kind: "imagenet" or "small".
+        stem_kind: "imagenet" or "small" (see STEMS; `stem_stride` and `stem_pool_stride` read it).
         split_multiple: the identity side's channel count is rounded to a multiple of this (2 keeps every
             torchvision reference exact: 116 channels split 58/58).
     """
@@ -39,6 +42,21 @@ class Geometry:
             raise ValueError(f"in_channels {self.in_channels} must be at least 1")
         if self.split_multiple < 1:
             raise ValueError(f"split_multiple {self.split_multiple} must be at least 1")
+
+    @property
+    def stem_stride(self) -> int:
+        """Stride of the stem's 3x3 conv (conv1)."""
+        return STEMS[self.stem_kind][0]
+
+    @property
+    def stem_pool_stride(self) -> int:
+        """Stride of the 3x3 max-pool after conv1; 1 means the stem has no pool."""
+        return STEMS[self.stem_kind][1]
+
+    @property
+    def stem_conv_size(self) -> int:
+        """Feature-map side after conv1 (before the max-pool)."""
+        return conv_out(self.input_size, self.stem_stride)
 
     def to_dict(self) -> dict[str, int | str]:
         return {
@@ -103,9 +121,8 @@ def split_channels(width: int, split: float, multiple: int) -> int:
 
 
 def stem_out_size(geometry: Geometry) -> int:
-    """Feature-map side after the stem."""
-    size = conv_out(geometry.input_size, 2 if geometry.stem_kind == "imagenet" else 1)
-    return conv_out(size, 2) if geometry.stem_kind == "imagenet" else size
+    """Feature-map side after the stem (conv1, then the max-pool if there is one): what stage2 receives."""
+    return conv_out(geometry.stem_conv_size, geometry.stem_pool_stride)
 
 
 def unit_shapes(arch: Arch, geometry: Geometry) -> list[list[UnitShape]]:

@@ -30,6 +30,12 @@ def _pointwise(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, 1, 0, bias=False)
 
 
+def stem_pool(geometry: Geometry) -> nn.Module:
+    """The stem's max-pool after conv1 (torchvision's 3x3, padding 1), or an Identity for a stem without one."""
+    stride = geometry.stem_pool_stride
+    return nn.MaxPool2d(3, stride, 1) if stride > 1 else nn.Identity()
+
+
 class InvertedResidual(nn.Module):
     """A ShuffleNet V2 unit: split (or duplicate when downsampling), branch, concat, shuffle."""
 
@@ -83,14 +89,12 @@ class ShuffleNetV2(nn.Module):
         self.arch = arch
         self.geometry = geometry
         self.num_classes = num_classes
-        stem_stride = 2 if geometry.stem_kind == "imagenet" else 1
         self.conv1 = nn.Sequential(
-            nn.Conv2d(geometry.in_channels, arch.stem, 3, stem_stride, 1, bias=False),
+            nn.Conv2d(geometry.in_channels, arch.stem, 3, geometry.stem_stride, 1, bias=False),
             nn.BatchNorm2d(arch.stem),
             nn.ReLU(inplace=True),
         )
-        # The small-image stem keeps full resolution: 28x28 has no pixels to spare for a pool.
-        self.maxpool = nn.MaxPool2d(3, 2, 1) if geometry.stem_kind == "imagenet" else nn.Identity()
+        self.maxpool = stem_pool(geometry)
         for i, shapes in enumerate(unit_shapes(arch, geometry)):
             setattr(self, stage_name(i), nn.Sequential(*(InvertedResidual(s) for s in shapes)))
         self.conv5 = nn.Sequential(

@@ -62,6 +62,7 @@ def reference_arch(name: str) -> Arch:
     return Arch(stem=channels[0], stages=stages, head=channels[-1])
 
 
+
 @dataclass(frozen=True)
 class StageChoices:
     depths: tuple[int, ...]
@@ -285,6 +286,41 @@ class SearchSpace:
     def cost(self, arch: Arch, num_classes: int = 1000) -> Cost:
         """Parameters and multiply-adds of `arch` without building it."""
         return arch_cost(arch, self.geometry, num_classes)
+
+
+def space_to_dict(space: SearchSpace) -> dict[str, Any]:
+    """The space as its YAML file spells it: `SearchSpace.from_dict(space_to_dict(space)) == space`.
+
+    Supernet checkpoints store it, so that a checkpoint rebuilds its supernet without the space file.
+    """
+    g = space.geometry
+    return {
+        "name": space.name,
+        "input": {"size": g.input_size, "channels": g.in_channels},
+        "stem": {"kind": g.stem_kind, "widths": list(space.stem_widths)},
+        "channels": {"multiple": space.channel_multiple, "split_multiple": g.split_multiple},
+        "stages": [
+            {"depths": list(c.depths), "widths": list(c.widths), "splits": list(c.splits), "kernels": list(c.kernels)}
+            for c in space.stages
+        ],
+        "head": {"widths": list(space.head_widths)},
+        "references": list(space.references),
+    }
+
+
+def parse_arch(space: SearchSpace, text: str) -> Arch:
+    """An arch as a command line names it: a code, a torchvision reference name, 'largest' or 'smallest'.
+
+    Raises:
+        ValueError: the text names no arch, or one that `space` does not contain.
+    """
+    if text == "largest":
+        return space.largest()
+    if text == "smallest":
+        return space.smallest()
+    arch = space.reference(text) if text.startswith("shufflenet_v2_") else Arch.decode(text)
+    space.validate(arch)
+    return arch
 
 
 def _check_stage(c: StageChoices, where: str, multiple: int, split_multiple: int) -> None:

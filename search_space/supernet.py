@@ -31,7 +31,7 @@ from torch import nn
 
 from search_space.arch import Arch
 from search_space.layout import Geometry, UnitShape, split_channels, stage_name, unit_shapes
-from search_space.network import ShuffleNetV2, channel_shuffle
+from search_space.network import ShuffleNetV2, channel_shuffle, stem_pool
 from search_space.space import SearchSpace
 
 
@@ -228,7 +228,7 @@ class Supernet(nn.Module):
         self.conv1 = nn.Sequential(
             nn.Conv2d(g.in_channels, stem_max, 3, bias=False), nn.BatchNorm2d(stem_max), nn.ReLU(inplace=True)
         )
-        self.maxpool = nn.MaxPool2d(3, 2, 1) if g.stem_kind == "imagenet" else nn.Identity()
+        self.maxpool = stem_pool(g)
         blocks = []
         in_ids, in_max = stem_max, stem_max
         for i, c in enumerate(space.stages):
@@ -265,8 +265,8 @@ class Supernet(nn.Module):
         """Run the subnet `arch` on `x`. The arch is not validated here (a hot path); `extract` validates."""
         g = self.space.geometry
         reads, head = self._routing_tensors(arch, x.device)
-        stem_stride = 2 if g.stem_kind == "imagenet" else 1
-        x = F.relu(_apply_bn(_apply_conv(x, self.conv1[0], arch.stem, 3, stem_stride, depthwise=False), self.conv1[1]))
+        x = F.relu(_apply_bn(_apply_conv(x, self.conv1[0], arch.stem, 3, g.stem_stride, depthwise=False),
+                             self.conv1[1]))
         x = self.maxpool(x)
         for i, shapes in enumerate(unit_shapes(arch, g)):
             stage = getattr(self, stage_name(i))

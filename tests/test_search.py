@@ -345,7 +345,7 @@ def test_interrupted_inside_each_step_resumes(config, lut, loose, tmp_path, caps
 
         monkeypatch.setattr(latency_lut, "validate", after(0, latency_lut.validate))
     elif where == "supernet":  # after the first of two epochs: its checkpoint is written
-        from experiments.train import _SupernetLoop
+        from experiments.training import _SupernetLoop
 
         monkeypatch.setattr(_SupernetLoop, "_save", after(1, _SupernetLoop._save))
     elif where == "search":  # after two of three trials
@@ -353,9 +353,9 @@ def test_interrupted_inside_each_step_resumes(config, lut, loose, tmp_path, caps
 
         monkeypatch.setattr(Evaluator, "evaluate", after(2, Evaluator.evaluate))
     else:  # after the untrained verdict, during retraining
-        from experiments import train
+        from experiments import training
 
-        monkeypatch.setattr(train, "retrain", after(0, train.retrain))
+        monkeypatch.setattr(training, "retrain", after(0, training.retrain))
     args = base_args(cfg, table, loose, tmp_path / "run") + ["--supernet-store", str(store)]
     code, err = run(args, capsys)
     assert code == 130 and "rerun the same command" in err
@@ -602,11 +602,11 @@ def test_supernet_replicas_score_candidates_by_their_mean(config, lut, loose, tm
     """With supernet.replicas: 2 both searchers score a candidate by the mean over the two trained supernets."""
     if searcher == "ray":
         pytest.importorskip("ray")
+    from experiments.checkpoints import load_supernet
     from experiments.config import load_experiment
     from experiments.data import load_splits
     from experiments.evaluate import Evaluator
     from experiments.supernets import entry_for
-    from experiments.train import load_supernet
 
     raw = yaml.safe_load(config.read_text())
     raw["supernet"]["replicas"] = 2

@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from experiments.checkpoints import MODEL_FILE, SUPERNET_CHECKPOINT
 from experiments.config import load_experiment
 from experiments.data import load_splits
 from experiments.distributed import DistContext, context_from_env
-from experiments.train import MODEL_FILE, SUPERNET_CHECKPOINT, retrain, train_supernet
+from experiments.training import retrain, train_supernet
 from search_space import SearchSpace, Supernet
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import SYNTHETIC  # noqa: I001 (tests/experiments/conftest.py)
 
+from experiments.checkpoints import SUPERNET_CHECKPOINT, replica_dir
 from experiments.factories import ScratchTrainerFactory, SupernetEvaluatorFactory
-from experiments.train import train_supernet
-from search_space import Supernet
+from experiments.training import train_supernets
 
 
 def test_scratch_trainer_reports_every_epoch_and_resumes(space, tmp_path, one_thread):
@@ -27,19 +27,25 @@ def test_scratch_trainer_reports_every_epoch_and_resumes(space, tmp_path, one_th
 
 
 def test_supernet_evaluator_factory_builds_the_same_evaluator(cfg, splits, space, tmp_path, one_thread):
-    torch.manual_seed(0)
-    supernet = Supernet(space, splits.num_classes)
-    short = replace(cfg, supernet=replace(cfg.supernet, epochs=1))
-    train_supernet(supernet, splits, short, tmp_path, progress=False)
-    factory = SupernetEvaluatorFactory(str(SYNTHETIC), "quick", str(tmp_path / "supernet.pt"))
-    factory = pickle.loads(pickle.dumps(factory))
+    two = replace(cfg, supernet=replace(cfg.supernet, epochs=1, replicas=2))
+    train_supernets(space, splits, two, tmp_path, progress=False)  # seeds cfg.seed and cfg.seed + 1
+    paths = [str(replica_dir(tmp_path, k) / SUPERNET_CHECKPOINT) for k in range(2)]
+    factory = pickle.loads(pickle.dumps(SupernetEvaluatorFactory(str(SYNTHETIC), "quick", paths[0])))
     arch = space.largest()
     first, second = factory(), factory()
     assert first.evaluate(arch) == second.evaluate(arch)
     assert 0.0 <= first.evaluate(arch) <= 1.0
-    # Replicas: the factory's evaluator scores with all of them (the same checkpoint twice scores as one).
-    twice = SupernetEvaluatorFactory(str(SYNTHETIC), "quick", str(tmp_path / "supernet.pt"),
-                                     replica_checkpoints=(str(tmp_path / "supernet.pt"),))
-    evaluator = pickle.loads(pickle.dumps(twice))()
+    # Replicas: the factory's evaluator scores with both distinct supernets, by the mean of their scores.
+    both = SupernetEvaluatorFactory(str(SYNTHETIC), "quick", paths[0], replica_checkpoints=(paths[1],))
+    evaluator = pickle.loads(pickle.dumps(both))()
     assert len(evaluator.supernets) == 2
-    assert evaluator.evaluate(arch) == pytest.approx(first.evaluate(arch), abs=1e-12)
+    weights = [s.state_dict() for s in evaluator.supernets]
+    assert not torch.equal(weights[0]["fc.weight"], weights[1]["fc.weight"])  # two replicas, not one loaded twice
+    alone = []
+    for path in paths:
+        single = SupernetEvaluatorFactory(str(SYNTHETIC), "quick", path)()
+        alone.append((single.evaluate(arch), single.last.loss))
+    assert alone[0][1] != alone[1][1]  # the replicas score differently, so the mean is of both
+    accuracy = evaluator.evaluate(arch)
+    assert accuracy == pytest.approx((alone[0][0] + alone[1][0]) / 2, abs=1e-12)
+    assert evaluator.last.loss == pytest.approx((alone[0][1] + alone[1][1]) / 2, abs=1e-12)

@@ -12,19 +12,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import experiments.train as train_module
-from experiments.config import load_experiment
-from experiments.train import (
+import experiments.training as train_module
+from experiments.checkpoints import (
     MODEL_FILE,
     RETRAIN_CHECKPOINT,
     SUPERNET_CHECKPOINT,
     RunDirError,
-    WeightAverage,
-    cosine_factor,
     load_model,
     load_supernet,
-    parameter_groups,
     replica_dir,
+)
+from experiments.config import load_experiment
+from experiments.training import (
+    WeightAverage,
+    cosine_factor,
+    parameter_groups,
     retrain,
     train_supernet,
     train_supernets,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from experiments.evaluate import Evaluator, accuracy, calibration_batches, recalibrate_bn
-from experiments.train import train_supernet
+from experiments.training import train_supernet
 from search_space import Supernet
 
 SYNTHETIC = Path(__file__).resolve().parents[2] / "experiments" / "synthetic.yaml"

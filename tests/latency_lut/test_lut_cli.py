@@ -57,7 +57,7 @@ def test_cuda_without_cuda(tiny_yaml: Path, capsys: pytest.CaptureFixture) -> No
     ("args", "fragment"),
     [
         (["--device", "tpu"], "expected cpu, cuda or cuda:N"),
-        (["--dtype", "float16"], "float16 on cpu"),
+        (["--runtime", "eager", "--dtype", "float16"], "float16 on cpu"),
         (["--dtype", "int8"], "invalid choice"),
         (["--runtime", "onnxruntime", "--dtype", "bfloat16"], "onnxruntime"),
         (["--threads", "0"], "must be at least 1"),

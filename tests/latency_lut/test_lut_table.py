@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import latency_lut.table as table_module
 from latency_lut import (
     Correction,
     CorruptTable,
@@ -20,6 +21,14 @@ from latency_lut import (
     arch_ops,
 )
 from search_space import SearchSpace
+
+# A one-stage space; tests give it stages.
+TINY = {
+    "name": "one_stage",
+    "input": {"size": 16, "channels": 1},
+    "stem": {"kind": "small", "widths": [8]},
+    "head": {"widths": [32]},
+}
 
 
 def test_predict_is_the_corrected_sum_of_entries(fashion_space: SearchSpace, synthetic_table) -> None:
@@ -157,18 +166,42 @@ def test_fingerprint_of_this_machine(fashion_space: SearchSpace) -> None:
         Fingerprint.from_dict({**fp.to_dict(), "extra": 1})
 
 
-def test_predict_many_is_vectorised_and_agrees_with_predict(imagenet_space: SearchSpace, synthetic_table,
-                                                             monkeypatch) -> None:
-    # Its speed is measured in benchmarks/bench_lut.py (not timed here: the machine is shared); this guards the
-    # structure: one vectorised pass, never a call of `predict` per arch, with the same answers.
-    table = synthetic_table(imagenet_space)
+def test_predict_many_equals_predict_over_sampled_archs_of_both_spaces(imagenet_space: SearchSpace,
+                                                                        fashion_space: SearchSpace, synthetic_table,
+                                                                        monkeypatch) -> None:
+    # Its speed against `predict` is measured in benchmarks/bench_lut.py (not timed here: the machine is shared).
+    monkeypatch.setattr(table_module, "_CHUNK", 700)  # several chunks, the last one short
+    for seed, space in enumerate((imagenet_space, fashion_space)):
+        table = synthetic_table(space, seed=seed)
+        table.correction = Correction(scale=0.97, overhead_us=310.0, fitted_on=20)
+        rng = np.random.default_rng(seed)
+        archs = [space.sample(rng) for _ in range(3000)] + [space.largest(), space.smallest()]
+        expected = np.array([table.predict(a) for a in archs])
+        uncorrected = np.array([table.predict(a, corrected=False) for a in archs])
+        fresh = synthetic_table(space, seed=seed)  # nothing learnt from `predict` yet
+        fresh.correction = table.correction
+        np.testing.assert_allclose(fresh.predict_many(iter(archs)), expected, rtol=1e-9, atol=0)
+        np.testing.assert_allclose(fresh.predict_many(archs, corrected=False), uncorrected, rtol=1e-9, atol=0)
+        # Once its ops are known, predict_many reads arrays: no per-arch path.
+        monkeypatch.setattr(type(fresh), "_arch_us", lambda self, arch: pytest.fail("predict_many went arch by arch"))
+        monkeypatch.setattr(type(fresh), "_learn", lambda self, arch: pytest.fail("predict_many learnt a known op"))
+        np.testing.assert_allclose(fresh.predict_many(archs[::-1]), expected[::-1], rtol=1e-9, atol=0)
+        monkeypatch.undo()
+        monkeypatch.setattr(table_module, "_CHUNK", 700)
+    assert table.predict_many([]).shape == (0,)
+
+
+def test_predict_many_learns_new_splits_and_widths_between_calls(synthetic_table) -> None:
+    # Two spaces of one geometry: the second brings splits, widths and kernels that the first call never saw.
+    first = {**TINY, "stages": [{"depths": [1, 2], "widths": [16], "splits": [0.5], "kernels": [3]}]}
+    second = {**TINY, "stages": [{"depths": [2, 3], "widths": [16, 24], "splits": [0.25, 0.75], "kernels": [3, 5]}]}
+    spaces = [SearchSpace.from_dict(first), SearchSpace.from_dict(second)]
+    tables = [synthetic_table(space, seed=k) for k, space in enumerate(spaces)]
+    table = LatencyTable(tables[0].fingerprint, tables[0].geometry, {**tables[1].entries, **tables[0].entries})
     rng = np.random.default_rng(0)
-    archs = [imagenet_space.sample(rng) for _ in range(2000)]
-    expected = [table.predict(a) for a in archs[:50]]
-    monkeypatch.setattr(type(table), "predict", lambda self, arch: pytest.fail("predict_many called predict"))
-    out = table.predict_many(archs)
-    assert out.shape == (2000,) and np.all(np.isfinite(out))
-    np.testing.assert_allclose(out[:50], expected, rtol=1e-9)
+    for space in spaces:
+        archs = [space.sample(rng) for _ in range(200)]
+        np.testing.assert_allclose(table.predict_many(archs), [table.predict(a) for a in archs], rtol=1e-9, atol=0)
 
 
 def test_correction_validation() -> None:

@@ -105,3 +105,26 @@ def test_state_dict_equals_torchvision_names_and_shapes(imagenet_space, name):
     ours = {k: list(v.shape) for k, v in imagenet_space.build(imagenet_space.reference(name)).state_dict().items()}
     assert ours == expected
     assert list(ours) == list(expected)  # same order too
+
+
+@pytest.mark.parametrize("space_name", ["imagenet_space", "fashion_space"])  # the two stem kinds
+def test_network_supernet_and_latency_ops_take_the_stem_from_the_geometry(space_name, request):
+    from latency_lut.ops import arch_ops
+    from search_space import Supernet
+    from search_space.layout import stem_out_size
+
+    space = request.getfixturevalue(space_name)
+    g, arch = space.geometry, space.smallest()
+    x = torch.randn(1, g.in_channels, g.input_size, g.input_size)
+    model = space.build(arch, 10).eval()
+    assert model.conv1[0].stride == (g.stem_stride, g.stem_stride)
+    assert model.conv1(x).shape[-1] == g.stem_conv_size
+    assert model.maxpool(model.conv1(x)).shape[-1] == stem_out_size(g)
+    seen = []
+    supernet = Supernet(space, 10).eval()
+    supernet.stage2[0].register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[-1]))
+    with torch.no_grad():
+        supernet(x, arch)
+    assert seen == [stem_out_size(g)]
+    stem, first_unit = arch_ops(arch, g)[:2]
+    assert (stem.stride, stem.size, first_unit.size) == (g.stem_stride, g.input_size, stem_out_size(g))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from search_space import REFERENCES, SearchSpace, SpaceError, reference_arch
+from search_space import REFERENCES, SearchSpace, SpaceError, parse_arch, reference_arch, space_to_dict
 from search_space.__main__ import main as cli_main
 
 TINY = {
@@ -129,6 +129,24 @@ def test_reference_outside_space_raises(fashion_space):
         fashion_space.reference("shufflenet_v2_x2_0")
     with pytest.raises(ValueError, match="unknown reference"):
         reference_arch("resnet50")
+
+
+def test_space_to_dict_reads_back_as_the_same_space(imagenet_space, fashion_space):
+    for space in (imagenet_space, fashion_space, SearchSpace.from_dict(TINY)):
+        assert SearchSpace.from_dict(space_to_dict(space)) == space
+        assert yaml.safe_load(yaml.safe_dump(space_to_dict(space))) == space_to_dict(space)  # plain data
+
+
+def test_parse_arch_reads_codes_names_and_extremes(imagenet_space, fashion_space):
+    arch = imagenet_space.sample(np.random.default_rng(0))
+    assert parse_arch(imagenet_space, arch.encode()) == arch
+    assert parse_arch(imagenet_space, "shufflenet_v2_x1_0") == reference_arch("shufflenet_v2_x1_0")
+    assert parse_arch(imagenet_space, "largest") == imagenet_space.largest()
+    assert parse_arch(imagenet_space, "smallest") == imagenet_space.smallest()
+    with pytest.raises(ValueError, match="does not contain shufflenet_v2_x2_0"):
+        parse_arch(fashion_space, "shufflenet_v2_x2_0")
+    with pytest.raises(ValueError):
+        parse_arch(fashion_space, arch.encode())  # an imagenet arch is not in the fashion_mnist space
 
 
 def test_validate_names_the_offending_choice(fashion_space):
