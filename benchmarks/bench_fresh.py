@@ -4,7 +4,7 @@
 
 Trains the fashion_mnist supernet for --steps steps in this process (2 threads, as search.py trains before it
 measures), then times the same archs three ways, interleaved round by round so that machine load touches all alike:
-  - in this process (what search.py did before it measured in a fresh process);
+  - in this process (what a measurement in the training process would see);
   - in this process after `gc.collect()` and glibc's `malloc_trim(0)` (is it the heap?);
   - with `latency_lut.measure_model_fresh` (a child forked from a server that only imported torch).
 Each estimate is the fastest round's median (the table's statistic); the result is each arch's lowest estimate
