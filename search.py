@@ -531,7 +531,8 @@ def supernets_step(run: Run, space, splits) -> tuple[list, list[str]]:
         return [n.to(run.device) for n in nets], [str(p) for p in run.job.supernets]
     def announce(entry) -> None:  # under torchrun, rank 0 holds the entry's lock: every rank trains it now
         if run.crew is not None:
-            run.crew.order("supernet", folder=str(entry.folder), seed=entry.identity["seed"])
+            order = {"do": "supernet", "folder": str(entry.folder), "seed": entry.identity["seed"]}
+            run.crew.order(**order, sees=sees(order))
 
     store = run.job.supernet_store or default_store()
     nets, paths = shared_supernets(space, splits, run.cfg, store, device=run.device, ctx=run.ctx, announce=announce)
@@ -720,7 +721,8 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
     code = arch.encode()
     start = time.perf_counter()
     if run.crew is not None:
-        run.crew.order("retrain", arch=code, run_dir=str(run.run_dir / "retrain" / code))
+        order = {"do": "retrain", "arch": code, "run_dir": str(run.run_dir / "retrain" / code)}
+        run.crew.order(**order, sees=sees(order))
     trained = retrain(space, arch, splits, run.cfg, run.run_dir / "retrain" / code, device=run.device, ctx=run.ctx)
     run.steps["ship: retraining"] = run.steps.get("ship: retraining", 0.0) + time.perf_counter() - start
     model = trained.model.cpu().eval()  # exported and measured from the CPU; the child moves it to the device
@@ -732,6 +734,7 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
         "search_accuracy": candidate.accuracy, "val_accuracy": trained.val_accuracy,
         "test_accuracy": trained.test_accuracy, "seed": run.cfg.seed, "recipe": run.cfg.to_dict()["retrain"],
         "data": run.cfg.data.name, "device": run.device,
+        "world_size": run.ctx.world_size,  # data-parallel processes that retrained it (the global batch is this many x)
     }
     export_all(model, staging, card=card, extra={"mean": list(splits.mean), "std": list(splits.std)})
     shipped = staging / SHIPPED_FILES[run.runtime]
@@ -769,6 +772,8 @@ def run_job(job: Job, crew: Crew | None = None) -> Path:
         run.device = crew.start(run.device)
         if not crew.ctx.is_main:
             follow(run, space, splits)  # until rank 0 ends the job
+        run.notes.append(f"the supernet and the winners were trained data-parallel by {crew.ctx.world_size} "
+                         f"processes (torchrun): steps of {crew.ctx.world_size} x the recipe's batch size")
     settings = latency_settings(run, splits.num_classes)
     table = run.step("lut", lambda: latency_table(run, space, settings))
     targets = run.step("target", lambda: resolve_targets(run, space, settings, splits.num_classes))
@@ -828,6 +833,16 @@ def _loaded(run: Run, space, splits) -> dict[str, Any]:
             "world_size": run.ctx.world_size}
 
 
+def sees(order: dict[str, Any]) -> dict[str, Any]:
+    """What this process sees of the checkpoint an order resumes from (its size; None: none): every rank of a
+    torchrun job must see rank 0's (one file system)."""
+    from experiments.train import RETRAIN_CHECKPOINT, SUPERNET_CHECKPOINT
+
+    path = (Path(order["folder"]) / SUPERNET_CHECKPOINT if order["do"] == "supernet"
+            else Path(order["run_dir"]) / RETRAIN_CHECKPOINT)
+    return {"checkpoint": str(path), "bytes": path.stat().st_size if path.exists() else None}
+
+
 def follow(run: Run, space, splits) -> NoReturn:
     """A rank other than 0 of a torchrun job: train what rank 0 orders, together with it, until it ends the job
     (raises `Dismissed` with rank 0's exit code, which this process exits with too).
@@ -841,7 +856,7 @@ def follow(run: Run, space, splits) -> NoReturn:
 
     crew = run.crew
     while True:
-        order = crew.next_order()
+        order = crew.next_order(sees)
         try:
             if order["do"] == "supernet":
                 train_entry(Path(order["folder"]), int(order["seed"]), space, splits, run.cfg, device=run.device,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -145,8 +146,13 @@ class Crew:
     collective timing out, and it sees Ctrl-C within `POLL_S`. A crew of one (no torchrun) has no store, and its
     orders go nowhere.
 
+    Each order is a handshake: rank 0 posts it with what it sees of the files the order is about (a checkpoint to
+    resume from), each follower answers with what it sees, and only when they agree do they start: a follower on a
+    machine that does not share rank 0's files is refused in one line instead of training from another checkpoint.
+
     The keys: `ready/R` (rank R prepared, with what it loaded), `go` (every rank agreed), `order/N` (rank 0's N-th
-    order), `exit` (rank 0's exit code: the job is over), `left/R` (follower R's exit code).
+    order), `took/N/R` (what follower R sees for it), `go/N` (start it), `exit` (rank 0's exit code: the job is
+    over), `left/R` (follower R's exit code).
 
     Attributes:
         ctx: this process among the others.
@@ -221,42 +227,64 @@ class Crew:
             keys.set("exit", str(code))
             shutdown()
             deadline = time.monotonic() + LEAVE_WAIT_S
-            for rank in range(1, self.ctx.world_size):
-                while not keys.check([f"left/{rank}"]) and time.monotonic() < deadline:
-                    time.sleep(POLL_S / 5)
+            try:
+                for rank in range(1, self.ctx.world_size):
+                    while not keys.check([f"left/{rank}"]) and time.monotonic() < deadline:
+                        time.sleep(POLL_S / 5)
+            except KeyboardInterrupt:  # a second Ctrl-C: the job is over anyway
+                pass
         else:
             keys.set(f"left/{self.ctx.rank}", str(code))
 
     # -- rank 0
 
-    def order(self, do: str, **args: Any) -> None:
-        """Post the next order; every follower carries it out while rank 0 does its own part of it.
+    def order(self, do: str, sees: dict[str, Any], **args: Any) -> None:
+        """Post the next order and return once every follower has taken it; each then carries it out while rank 0
+        does its own part of it.
+
+        Args:
+            do: what to do; args: with what (JSON).
+            sees: what rank 0 sees of the files the order is about; every follower must see the same.
 
         Raises:
-            CrewError: a follower has already left (it could not take part).
+            CrewError: a follower has left, or sees other files (it names them both ways).
         """
         keys = self._keys
         if keys is None:
             return
-        for rank in range(1, self.ctx.world_size):
-            if keys.check([f"left/{rank}"]):
-                raise CrewError(f"rank {rank} stopped (exit code {int(keys.get(f'left/{rank}'))}) and cannot "
-                                f"{do}; its own message says why")
-        keys.set(f"order/{self._orders}", json.dumps({"do": do, **args}))
+        n = self._orders
+        keys.set(f"order/{n}", json.dumps({"do": do, **args}))
         self._orders += 1
+        for rank in range(1, self.ctx.world_size):
+            key = self._wait([f"took/{n}/{rank}", f"left/{rank}"])
+            if key.startswith("left/"):
+                raise CrewError(f"rank {rank} stopped (exit code {int(keys.get(key))}) and cannot {do}; its own "
+                                f"message says why")
+            theirs = json.loads(keys.get(key))
+            if theirs != sees:
+                raise CrewError(f"{do}: rank {rank} sees {theirs} where rank 0 sees {sees}: every rank must see the "
+                                f"same files (on several machines, put the run directory and the supernet store on "
+                                f"a file system they all share)")
+        keys.set(f"go/{n}", "1")
 
     # -- followers
 
-    def next_order(self) -> dict[str, Any]:
-        """Wait for rank 0's next order.
+    def next_order(self, sees: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """Wait for rank 0's next order, answer with what this rank sees for it, and return it once rank 0 says
+        start.
+
+        Args:
+            sees: what this rank sees of the files an order is about (as rank 0 computes it for `order`).
 
         Raises:
-            Dismissed: rank 0 ended the job (it is preferred to an order posted just before: rank 0 gave up on that
-                one).
+            Dismissed: rank 0 ended the job (also when it had posted an order just before: it gave up on that one).
         """
-        key = self._wait([f"order/{self._orders}"])
+        n = self._orders
+        order = json.loads(self._keys.get(self._wait([f"order/{n}"])))
         self._orders += 1
-        return json.loads(self._keys.get(key))
+        self._keys.set(f"took/{n}/{self.ctx.rank}", json.dumps(sees(order)))
+        self._wait([f"go/{n}"])
+        return order
 
     def dismissed(self) -> int | None:
         """Rank 0's exit code if it has ended the job, else None."""

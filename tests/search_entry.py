@@ -7,6 +7,8 @@ precisely), and optional faults:
                                         other ranks wait for it inside the step's gradient all-reduce
     SHUFFLENAS_TEST_CONFIG_RANK1=PATH   rank 1 loads this experiment file instead of the command line's (as a
                                         machine with other files would)
+    SHUFFLENAS_TEST_UNSHARED=1          rank 1 sees other checkpoints than rank 0 (as a machine that does not
+                                        share the run directory and the supernet store would)
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ if __name__ == "__main__":
     search.MEASURE_BUDGET = QUICK
     if os.environ.get("SHUFFLENAS_TEST_INTERRUPT") == "retrain" and os.environ.get("RANK") == "0":
         interrupt_retraining_on_rank_0()
+    if os.environ.get("SHUFFLENAS_TEST_UNSHARED") and os.environ.get("RANK") == "1":
+        real_sees = search.sees
+        search.sees = lambda order: {**real_sees(order), "bytes": 12345}
     argv = sys.argv[1:]
     if os.environ.get("SHUFFLENAS_TEST_CONFIG_RANK1") and os.environ.get("RANK") == "1":
         argv[argv.index("--config") + 1] = os.environ["SHUFFLENAS_TEST_CONFIG_RANK1"]

@@ -172,6 +172,17 @@ def test_a_rank_that_loaded_another_experiment_is_refused(config, tmp_path):
     assert "rank 1 loaded another experiment than rank 0" in line and "retrain" in line, leader.err
 
 
+@pytest.mark.slow
+def test_a_rank_that_sees_other_checkpoints_is_refused(config, lut, tmp_path):
+    """Rank 0 orders the supernet trained and rank 1 sees another checkpoint for it (a machine without the shared
+    folders): refused in one line before anyone trains."""
+    leader, follower = by_hand(args_for(config, lut, 5.0, tmp_path), tmp_path, env={"SHUFFLENAS_TEST_UNSHARED": "1"})
+    assert leader.code == 2 and follower.code == 2, (leader.err, follower.err)
+    (line,) = error_lines(leader.err)
+    assert "supernet: rank 1 sees" in line and "file system they all share" in line, leader.err
+    assert not list((tmp_path / "store").rglob("supernet.pt"))
+
+
 # ---- a whole job ----------------------------------------------------------------------------------------------------
 
 
