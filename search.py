@@ -529,6 +529,7 @@ def supernets_step(run: Run, space, splits) -> tuple[list, list[str]]:
     if run.job.supernets:
         nets = given_supernets(run.job.supernets, space, run.cfg, splits.num_classes)
         return [n.to(run.device) for n in nets], [str(p) for p in run.job.supernets]
+
     def announce(entry) -> None:  # under torchrun, rank 0 holds the entry's lock: every rank trains it now
         if run.crew is not None:
             order = {"do": "supernet", "folder": str(entry.folder), "seed": entry.identity["seed"]}
@@ -829,8 +830,7 @@ def _loaded(run: Run, space, splits) -> dict[str, Any]:
     from experiments.supernets import supernet_identity
 
     return {"supernet": fingerprint(supernet_identity(space, run.cfg, splits.num_classes, run.cfg.seed)),
-            "retrain": fingerprint(run.cfg.to_dict()["retrain"]), "images": len(splits.train),
-            "world_size": run.ctx.world_size}
+            "retrain": fingerprint(run.cfg.to_dict()["retrain"]), "images": len(splits.train)}
 
 
 def sees(order: dict[str, Any]) -> dict[str, Any]:

@@ -174,10 +174,17 @@ class Crew:
 
         Raises:
             ValueError: MASTER_ADDR or MASTER_PORT missing (torch's message).
+            CrewError: the store could not be reached within JOIN_TIMEOUT.
         """
         if not ctx.distributed:
             return cls(ctx)
-        store, _, _ = next(dist.rendezvous("env://", rank=ctx.rank, world_size=ctx.world_size, timeout=JOIN_TIMEOUT))
+        try:
+            store, _, _ = next(dist.rendezvous("env://", rank=ctx.rank, world_size=ctx.world_size,
+                                               timeout=JOIN_TIMEOUT))
+        except RuntimeError as e:  # torch's DistStoreError and DistNetworkError
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise CrewError(f"rank {ctx.rank}: could not reach the job's store at {where} within {JOIN_TIMEOUT} "
+                            f"({e})") from None
         return cls(ctx, store)
 
     # -- every rank
