@@ -16,6 +16,9 @@ Steps, each resumable (rerun the same command after a kill: nothing finished is 
              shipped, the next one is taken; the shipped ones are retrained, exported into a staging folder, their
              shipped file measured again, and only then moved into winners/
   report     report.md, pareto.png, trials.csv in the run directory
+
+Data-parallel: under `torchrun --nproc_per_node N search.py ...` the supernet(s) and the winners' retraining run on
+N processes (DDP); rank 0 alone does every other step, and tells the others what to train (see `follow`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 # Idle OpenMP threads sleep instead of spinning: with spinning, two threads on two cores that another process also
 # uses ran training 10x slower here (20 vs 200 images/s). Must be set before torch starts its thread pool.
@@ -41,6 +44,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from experiments.distributed import Crew, DistContext
 
 CONFIGS = Path(__file__).resolve().parent / "experiments"
 DEFAULT_CONFIG = CONFIGS / "fashion_mnist.yaml"
@@ -222,6 +228,14 @@ class Run:
     run_dir: Path
     steps: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    crew: Crew | None = None  # this process among torchrun's; None: a single process
+
+    @property
+    def ctx(self) -> DistContext:
+        """This process's DistContext (rank 0 of 1 without torchrun)."""
+        from experiments.distributed import DistContext
+
+        return self.crew.ctx if self.crew is not None else DistContext()
 
     @property
     def runtime(self) -> str:
@@ -270,8 +284,9 @@ STEP_ARTIFACTS: dict[str, str] = {
 STEPS = list(STEP_ARTIFACTS)
 
 
-def configure(job: Job) -> Run:
-    """Config, device, runtime and run directory, each checked before any work."""
+def configure(job: Job, crew: Crew | None = None) -> Run:
+    """Config, device, runtime and run directory, each checked before any work (the run directory by rank 0 only:
+    every rank of a torchrun job calls this)."""
     from experiments.config import load_experiment
     from latency_lut import default_runtime, resolve_device
 
@@ -279,7 +294,9 @@ def configure(job: Job) -> Run:
     search = replace(cfg.search, **job.search)
     cfg = replace(cfg, search=search, seed=cfg.seed if job.seed is None else job.seed,
                   device=job.device or cfg.device)
-    device = str(resolve_device(cfg.device))  # `cuda` without CUDA fails here, in one line
+    device = str(resolve_device(cfg.device))  # `cuda` without CUDA fails here, in one line, on every rank
+    if crew is not None and crew.ctx.distributed and device.startswith("cuda"):
+        device = str(resolve_device(f"cuda:{crew.ctx.local_rank}"))  # torchrun: each process its own GPU
     runtime = job.runtime or cfg.latency.runtime or default_runtime(device)
     if runtime == "onnxruntime" and device != "cpu":
         raise UsageError(f"--runtime onnxruntime is measured on the cpu only, not on {device}; use --runtime eager")
@@ -299,8 +316,9 @@ def configure(job: Job) -> Run:
     name = (f"{job.config.stem}-{job.preset}-{device.replace(':', '')}-{runtime}-{job.target_text}-"
             f"{cfg.latency.statistic}-s{cfg.seed}")
     run_dir = (job.run_dir or Path.cwd() / "runs" / name).resolve()
-    run = Run(job=job, cfg=cfg, device=device, run_dir=run_dir)
-    check_run_dir(run)
+    run = Run(job=job, cfg=cfg, device=device, run_dir=run_dir, crew=crew)
+    if run.ctx.is_main:
+        check_run_dir(run)
     if job.threads:
         torch.set_num_threads(job.threads)
     return run
@@ -329,10 +347,11 @@ def check_run_dir(run: Run) -> None:
         "targets": run.job.target_text,
         "device": run.device,
         "seed": cfg.seed,
+        "world_size": run.ctx.world_size,  # N data-parallel processes train other supernets (see experiments.supernets)
     }
     path = run.run_dir / RUN_FILE
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = {"world_size": 1, **json.loads(path.read_text())}
         diffs = sorted(k for k in identity if stored.get(k) != identity[k])
         if diffs:
             raise UsageError(f"run directory {run.run_dir} holds another experiment (differs in {', '.join(diffs)}); "
@@ -509,8 +528,14 @@ def supernets_step(run: Run, space, splits) -> tuple[list, list[str]]:
     if run.job.supernets:
         nets = given_supernets(run.job.supernets, space, run.cfg, splits.num_classes)
         return [n.to(run.device) for n in nets], [str(p) for p in run.job.supernets]
+
+    def announce(entry) -> None:  # under torchrun, rank 0 holds the entry's lock: every rank trains it now
+        if run.crew is not None:
+            order = {"do": "supernet", "folder": str(entry.folder), "seed": entry.identity["seed"]}
+            run.crew.order(**order, sees=sees(order))
+
     store = run.job.supernet_store or default_store()
-    nets, paths = shared_supernets(space, splits, run.cfg, store, device=run.device)
+    nets, paths = shared_supernets(space, splits, run.cfg, store, device=run.device, ctx=run.ctx, announce=announce)
     return nets, [str(p) for p in paths]
 
 
@@ -695,7 +720,10 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
 
     code = arch.encode()
     start = time.perf_counter()
-    trained = retrain(space, arch, splits, run.cfg, run.run_dir / "retrain" / code, device=run.device)
+    if run.crew is not None:
+        order = {"do": "retrain", "arch": code, "run_dir": str(run.run_dir / "retrain" / code)}
+        run.crew.order(**order, sees=sees(order))
+    trained = retrain(space, arch, splits, run.cfg, run.run_dir / "retrain" / code, device=run.device, ctx=run.ctx)
     run.steps["ship: retraining"] = run.steps.get("ship: retraining", 0.0) + time.perf_counter() - start
     model = trained.model.cpu().eval()  # exported and measured from the CPU; the child moves it to the device
     staging = run.run_dir / "winners" / ".staging" / f"{label or 'run'}-{code}"
@@ -706,6 +734,7 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
         "search_accuracy": candidate.accuracy, "val_accuracy": trained.val_accuracy,
         "test_accuracy": trained.test_accuracy, "seed": run.cfg.seed, "recipe": run.cfg.to_dict()["retrain"],
         "data": run.cfg.data.name, "device": run.device,
+        "world_size": run.ctx.world_size,  # data-parallel processes that retrained it (the global batch is this many x)
     }
     export_all(model, staging, card=card, extra={"mean": list(splits.mean), "std": list(splits.std)})
     shipped = staging / SHIPPED_FILES[run.runtime]
@@ -728,15 +757,23 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
 # ---- the job ------------------------------------------------------------------------------------------------------
 
 
-def run_job(job: Job) -> Path:
+def run_job(job: Job, crew: Crew | None = None) -> Path:
+    """The job, on every process of a torchrun job (`crew`; None: a single process). Rank 0 runs the steps."""
     from experiments.data import load_splits
     from experiments.evaluate import Evaluator
 
-    run = configure(job)
+    run = configure(job, crew)
     cfg = run.cfg
     space = _load_space(cfg.space)
     check_reference(run, space)
     splits = load_splits(cfg.data, cfg.seed)  # missing data fails here, before any measurement
+    if crew is not None:  # every rank prepared the same experiment: only then the process group
+        crew.agree(_loaded(run, space, splits))
+        run.device = crew.start(run.device)
+        if not crew.ctx.is_main:
+            follow(run, space, splits)  # until rank 0 ends the job
+        run.notes.append(f"the supernet and the winners were trained data-parallel by {crew.ctx.world_size} "
+                         f"processes (torchrun): steps of {crew.ctx.world_size} x the recipe's batch size")
     settings = latency_settings(run, splits.num_classes)
     table = run.step("lut", lambda: latency_table(run, space, settings))
     targets = run.step("target", lambda: resolve_targets(run, space, settings, splits.num_classes))
@@ -784,6 +821,58 @@ def _load_space(path: str):
     from search_space import SearchSpace
 
     return SearchSpace.from_yaml(path)
+
+
+def _loaded(run: Run, space, splits) -> dict[str, Any]:
+    """What a rank trains with, as rank 0 compares it across ranks (the same files and command on every machine)."""
+    from experiments.config import fingerprint
+    from experiments.supernets import supernet_identity
+
+    return {"supernet": fingerprint(supernet_identity(space, run.cfg, splits.num_classes, run.cfg.seed)),
+            "retrain": fingerprint(run.cfg.to_dict()["retrain"]), "images": len(splits.train)}
+
+
+def sees(order: dict[str, Any]) -> dict[str, Any]:
+    """What this process sees of the checkpoint an order resumes from (its size; None: none): every rank of a
+    torchrun job must see rank 0's (one file system)."""
+    from experiments.checkpoints import RETRAIN_CHECKPOINT, SUPERNET_CHECKPOINT
+
+    path = (Path(order["folder"]) / SUPERNET_CHECKPOINT if order["do"] == "supernet"
+            else Path(order["run_dir"]) / RETRAIN_CHECKPOINT)
+    return {"checkpoint": str(path), "bytes": path.stat().st_size if path.exists() else None}
+
+
+def follow(run: Run, space, splits) -> NoReturn:
+    """A rank other than 0 of a torchrun job: train what rank 0 orders, together with it, until it ends the job
+    (raises `Dismissed` with rank 0's exit code, which this process exits with too).
+
+    Rank 0 decides what is trained, and in which order (the store's lock, resumption, the search, the verdicts are
+    its alone); it posts an order just before it starts that training itself, and every rank trains in the same
+    folder (one file system: the run directory and the supernet store must be shared between machines)."""
+    from experiments.distributed import Dismissed
+    from experiments.supernets import train_entry
+    from experiments.training import retrain
+
+    crew = run.crew
+    while True:
+        order = crew.next_order(sees)
+        try:
+            if order["do"] == "supernet":
+                train_entry(Path(order["folder"]), int(order["seed"]), space, splits, run.cfg, device=run.device,
+                            progress=False, ctx=run.ctx)
+            elif order["do"] == "retrain":
+                arch = type(space.largest()).decode(order["arch"])
+                retrain(space, arch, splits, run.cfg, Path(order["run_dir"]), device=run.device, progress=False,
+                        ctx=run.ctx)
+            else:
+                raise ValueError(f"rank {run.ctx.rank}: unknown order from rank 0: {order}")
+        except BaseException:
+            # Rank 0 stopped mid-training (bad input, Ctrl-C): leaving the process group, it released this rank from
+            # the collective it waited in. Its exit code is this rank's too; anything else is a fault of its own.
+            code = crew.dismissed()
+            if code is None:
+                raise
+            raise Dismissed(code) from None
 
 
 def search_one(run: Run, space, splits, table, evaluator, target: float, state: Shipping, settings,
@@ -878,17 +967,32 @@ def report(run: Run, space, table, evaluator, result, families: list[dict], sett
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Under torchrun, on every rank: each prints its own bad input (one line, exit code 2); rank
+    0's exit code, whatever ends it, ends the other ranks with the same code."""
+    from experiments.distributed import Crew, Dismissed, context_from_env, shutdown
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    crew, code = None, 1  # 1: an unexpected exception, with its traceback
     try:
-        run_job(job_from_args(args, argv))
+        ctx = context_from_env()
+        crew = Crew.join(ctx) if ctx.distributed else None
+        run_job(job_from_args(args, argv), crew)
+        code = 0
+    except Dismissed as e:  # a follower: rank 0 ended the job, and said why
+        code = e.code
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue where it stopped", file=sys.stderr)
-        return 130
+        code = 130
+        if crew is None or crew.ctx.is_main:
+            print("interrupted: rerun the same command to continue where it stopped", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:  # bad input: config, data, device, table, target
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    finally:
+        if crew is not None:
+            crew.finish(code)
+        shutdown()
+    return code
 
 
 if __name__ == "__main__":
