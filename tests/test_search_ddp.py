@@ -128,9 +128,10 @@ def test_torchrun_asking_for_cuda_where_there_is_none(config, tmp_path):
     done, errs = torchrun(args, tmp_path)
     assert done.returncode == 1 and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
     assert len(errs) == 2
-    for err in errs:
-        (line,) = error_lines(err)
-        assert "CUDA is not available" in line and "Traceback" not in err, err
+    # torchrun stops the other worker as soon as one fails, so a rank may be ended before it prints its line.
+    lines = [line for err in errs for line in error_lines(err)]
+    assert 1 <= len(lines) <= 2 and all("CUDA is not available" in line for line in lines), errs
+    assert all(len(error_lines(err)) <= 1 and "Traceback" not in err for err in errs), errs
     assert not (tmp_path / "run").exists()
 
 
