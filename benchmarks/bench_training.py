@@ -293,8 +293,7 @@ def ranking(args: argparse.Namespace) -> None:
 
     def score(entry: dict, evaluator: Evaluator, arch: Arch) -> dict:
         """Score `arch` into the supernet's cache `entry` and save it."""
-        evaluator.evaluate(arch)
-        record = evaluator.last
+        record = evaluator.score(arch)
         entry["scores"][arch.encode()] = {"val": record.accuracy, "loss": record.loss, "seconds": record.seconds}
         save()
         return entry["scores"][arch.encode()]

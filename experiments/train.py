@@ -743,8 +743,8 @@ def _load(path: Path, kind: str) -> dict[str, Any]:
 
 
 def _data_identity(data: DataConfig) -> dict[str, Any]:
-    # The root is where the files are, not what they are: moving the data set does not make another run.
-    return {k: v for k, v in dataclasses.asdict(data).items() if k != "root"}
+    # Where the files are, and how they are decoded, do not make another run (DataConfig.identity).
+    return data.identity()
 
 
 def _plain(history: list[EpochStats]) -> list[dict[str, Any]]:
@@ -856,9 +856,9 @@ def _report_supernet(supernets: list[Supernet], space: SearchSpace, splits: Spli
     rows = [("largest", space.largest()), ("smallest", space.smallest()), *space.contained_references().items()]
     scores = {}
     for label, arch in rows:
-        acc = evaluator.evaluate(arch)
-        scores[label] = {"arch": arch.encode(), "val_accuracy": acc, "seconds": evaluator.last_seconds}
-        print(f"{label:<20} val {acc:.4f} ({evaluator.last_seconds:.1f} s)  {arch.encode()}")
+        record = evaluator.score(arch)
+        scores[label] = {"arch": arch.encode(), "val_accuracy": record.accuracy, "seconds": record.seconds}
+        print(f"{label:<20} val {record.accuracy:.4f} ({record.seconds:.1f} s)  {arch.encode()}")
     summary_path = run_dir / "supernet.json"
     summary = json.loads(summary_path.read_text())
     summary["evaluation"] = scores
