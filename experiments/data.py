@@ -106,7 +106,7 @@ class DataConfig:
     root: str | None = None  # directory with the files; None -> DEFAULT_FASHION_MNIST for fashion_mnist
     val_size: int = 5000  # images held out of the training split for validation (the search's score)
     image_size: int | None = None  # imagefolder: side in pixels (default 224); others: native size only
-    augment: bool = True  # random crop with padding (+ horizontal flip where it keeps the label) when training
+    augment: bool = True  # training: imagefolder RandomResizedCrop + flip; others a padded random crop (+ flip)
     synthetic_size: int = 512  # synthetic only: training images; val = test = synthetic_size // 4
     workers: int | None = None  # imagefolder: decoding processes; None = the cores available (<= 16); 0 = in-process
     decoder: str = "pil"  # imagefolder: "pil" (CPU workers) or "torchvision" (nvJPEG on the CUDA device)
@@ -836,7 +836,8 @@ def make_loader(
         dataset: A split from :func:`load_splits`.
         batch_size: Images per batch (per rank).
         shuffle: Whether to permute the images; the permutation is seeded from ``(seed, epoch)``.
-        augment: Whether to apply the training augmentation (random padded crop, horizontal flip where it applies).
+        augment: Whether to apply the training augmentation (ImageFolder: RandomResizedCrop and a horizontal flip;
+            the in-memory sets: a random padded crop and a horizontal flip where it applies).
         seed: The run's seed; with ``epoch`` and ``rank`` it is the loader's only source of randomness.
         epoch: Epoch number; each epoch gets a different order and different crops.
         rank: This process's rank among ``world_size`` data-parallel processes.

@@ -275,3 +275,37 @@ def test_gpu_path_crops_and_resizes_the_same_boxes(tree: Path, monkeypatch) -> N
         assert on_device.shape == pixels.shape == (3, 3, SIZE, SIZE) and on_device.dtype == torch.uint8
         assert torch.equal(labels, same_labels)
         assert (on_device.int() - pixels.int()).abs().float().mean() < 6  # resampling rounds differently
+
+
+# --- the Fashion-MNIST JPEG tree -----------------------------------------------------------------------------------
+
+
+def test_make_jpeg_tree_writes_an_imagefolder_tree_and_resumes(tmp_path: Path) -> None:
+    import gzip
+
+    from PIL import Image
+
+    from benchmarks.make_jpeg_tree import class_folders, make_tree
+
+    source = tmp_path / "fmnist"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        images, labels = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), np.arange(n) % 10
+        for name, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+            header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+            (source / f"{name}.gz").write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    out = tmp_path / "tree"
+    assert make_tree(source, out, per_class=3, val_per_class=1, size=32, jobs=1, progress=False) == {
+        "train": 30, "val": 10}
+    assert sorted(p.name for p in (out / "train").iterdir()) == class_folders()
+    files = sorted((out / "train").rglob("*.JPEG"))
+    assert len(files) == 30 and len(list((out / "val").rglob("*.JPEG"))) == 10
+    with Image.open(files[0]) as image:
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
+    stamp = files[0].stat().st_mtime_ns
+    make_tree(source, out, per_class=3, val_per_class=1, size=32, jobs=1, progress=False)  # a rerun skips them
+    assert files[0].stat().st_mtime_ns == stamp
+    splits = load_splits(DataConfig(name="imagefolder", root=str(out), val_size=5, image_size=SIZE, workers=0), 0)
+    assert (splits.num_classes, len(splits.train), len(splits.test)) == (10, 25, 10)
+    assert splits.classes[0] == "00_t-shirt-top"
