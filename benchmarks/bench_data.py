@@ -4,7 +4,7 @@
 
 1. Decode + augment throughput at 224 px: the training pipeline (JPEG decode, RandomResizedCrop, flip; uint8 batches
    of 64) over the tree's training split with 0 (in the calling process), 1 and 2 worker processes. The settings
-   run in turns, --rounds times, and each keeps its best round (the least disturbed by other work on the machine);
+   run alternately, --rounds times, and each keeps its best round (the least disturbed by other work on the machine);
    the goal is 2 workers >= 1.7x 1 worker.
 2. Candidate scoring: `experiments.evaluate.Evaluator` on a seeded, untrained imagenet-space supernet with the cpu
    preset's evaluate settings, with `data.eval_cache: memory` (images decoded once, when the evaluator is built)
@@ -76,7 +76,7 @@ def scoring(root: Path, archs: int) -> dict[str, dict]:
         start = time.perf_counter()
         evaluators[mode] = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed)
         out[mode] = {"build": time.perf_counter() - start, "seconds": [], "data": []}
-    for arch in chosen:  # in turns, so both settings see the same share of the machine
+    for arch in chosen:  # alternately, so both settings see the same share of the machine
         for mode, evaluator in evaluators.items():
             out[mode]["seconds"].append(evaluator.score(arch).seconds)
             start = time.perf_counter()  # what one candidate reads: the calibration and validation batches
@@ -106,7 +106,7 @@ def _commit() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=str(ROOT / "data" / "fmnist-jpeg"), help="the JPEG tree (made if missing)")
-    parser.add_argument("--rounds", type=int, default=4, help="turns of each worker count (best one kept)")
+    parser.add_argument("--rounds", type=int, default=4, help="passes per worker count, alternating (best kept)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--archs", type=int, default=4, help="candidates scored per cache setting")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data.md"))
@@ -145,7 +145,7 @@ def main() -> int:
         "## Decode + augment throughput at 224 px",
         "",
         f"Training pipeline (JPEG decode, RandomResizedCrop, flip), batches of {args.batch_size}, one pass over "
-        f"the 2,500 training images per round, {args.rounds} rounds in turns.",
+        f"the 2,500 training images per round, {args.rounds} rounds alternating.",
         "",
         "| decoding | best images/s | median images/s | every round |",
         "|---|---:|---:|---|",
