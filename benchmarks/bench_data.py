@@ -12,12 +12,15 @@
    the cache saves per candidate.
 
 The tree is written first when --root does not hold one (benchmarks/make_jpeg_tree.py, 300 + 50 images per class).
+--job RUN_DIR adds the per-step seconds of a finished search.py run on the tree (its steps.json and report.md), e.g.
+of `python search.py --config experiments/imagenet.yaml --preset cpu --device cpu --target-ms 40`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -93,6 +96,31 @@ def scoring(root: Path, archs: int) -> dict[str, dict]:
     return out
 
 
+def job_section(run_dir: Path) -> list[str]:
+    """The steps of a finished search.py run: its command, each step's seconds (steps.json) and the winner."""
+    steps = json.loads((run_dir / "steps.json").read_text())
+    report = (run_dir / "report.md").read_text().splitlines()
+    command = next((line.removeprefix("Command: ").strip("`") for line in report if line.startswith("Command:")), "?")
+    winners = [line for line in report if line.startswith("| 1 |")]
+    stamp = datetime.fromtimestamp((run_dir / "report.md").stat().st_mtime, UTC)
+    lines = [
+        "## The whole job on the JPEG tree",
+        "",
+        f"`{command}`, finished {stamp:%Y-%m-%d %H:%M} UTC on this machine. Seconds per step (the run's steps.json; "
+        "a latency table already profiled shows as 0):",
+        "",
+        "| " + " | ".join(steps) + " | total |",
+        "|" + "---:|" * (len(steps) + 1),
+        "| " + " | ".join(f"{v:.0f}" for v in steps.values()) + f" | **{sum(steps.values()):.0f}** |",
+        "",
+    ]
+    if winners:
+        lines += ["Winner row of its report.md (the cpu preset trains 40 supernet steps and 20 retraining steps of 32 "
+                  "images: it checks the pipeline end to end, not accuracy):", "", report[report.index(winners[0]) - 2],
+                  report[report.index(winners[0]) - 1], winners[0], ""]
+    return lines
+
+
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -110,6 +138,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--archs", type=int, default=4, help="candidates scored per cache setting")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data.md"))
+    parser.add_argument("--job", default=None, help="a finished search.py run directory to report the steps of")
     args = parser.parse_args()
     root = Path(args.root)
     if not (root / "train").is_dir():
@@ -180,6 +209,8 @@ def main() -> int:
         "(the rest is the forward passes of the extracted network, which the cache does not change).",
         "",
     ]
+    if args.job:
+        lines += job_section(Path(args.job))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
