@@ -1,20 +1,21 @@
 """From a latency budget to a trained, exported ShuffleNet V2 that really meets it on the device, with the evidence.
 
     python search.py --target-ms 10 --device cuda
-    python search.py --target-ms 4 --device cpu --preset quick
+    python search.py --target-ms shufflenet_v2_x0_5 --device cpu --preset quick      # as fast as x0.5, measured now
+    python search.py --target-ms 0.3,0.4,0.5 --device cpu                             # a family: winners per budget
 
 Steps, each resumable (rerun the same command after a kill: nothing finished is redone):
-  1. lut        the device's latency table: loaded when one with a matching fingerprint exists, else profiled and
-                calibrated (luts/ is shared by every run on this machine)
-  2. check      the target is met by at least one arch of the space (else: one line naming the fastest)
-  3. supernet   weight-sharing supernet, trained or loaded from the run directory
-  4. calibrate  a few archs near the target are timed now, when the device may run slower or faster than when the
-                table was profiled; the table's predictions are rescaled by the lowest ratio
-  5. search     Optuna or Ray Tune, constrained by the table; candidates scored with inherited weights
-  6. ship       the best candidates, in order, are measured on the device; over the target: not shipped, the next
-                one is taken; the shipped ones are retrained, exported and measured again. A measurement over the
-                target (by less than 60%) is taken again, up to three times, and the fastest decides.
-  7. report     report.md, pareto.png, trials.csv in the run directory
+  lut        the device's latency table for the runtime, shared by every run on this machine (in the cache folder)
+  target     a budget relative to a reference arch: that arch exported and measured now, on the device
+  check      every budget is met by at least one arch of the space (else: one line naming the fastest)
+  supernet   the weight-sharing supernet(s), trained once per space, data, recipe and seed in the shared store
+  calibrate  a few archs near each budget are exported and timed now; the table's predictions are rescaled by the
+             lowest measured / predicted ratio
+  search     Optuna or Ray Tune, constrained by the table; candidates scored with inherited weights
+  ship       the best candidates, in order, are exported and their shipped file measured; over the budget: not
+             shipped, the next one is taken; the shipped ones are retrained, exported into a staging folder, their
+             shipped file measured again, and only then moved into winners/
+  report     report.md, pareto.png, trials.csv in the run directory
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,14 +42,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = ROOT / "experiments" / "fashion_mnist.yaml"
+CONFIGS = Path(__file__).resolve().parent / "experiments"
+DEFAULT_CONFIG = CONFIGS / "fashion_mnist.yaml"
 CALIBRATION_ARCHS = 20  # archs measured end to end to fit a new table's correction (scale + overhead)
 MAX_SEARCH_ROUNDS = 3  # a search rerun with a tighter table target when no candidate measures under the budget
-REPEATS = 5  # rounds of a latency measurement (the estimate is the median of the fastest round)
-VERDICT_TRIES = 3  # measurements at most before a candidate is called over the target
+VERDICT_TRIES = 3  # measurements at most before a candidate is called over the budget
 RETRY_BAND = 1.6  # ... when the first one is over it by less than this factor
-NEAR_REPEATS = 15  # rounds of each measurement after the first
+FAMILY_TRIALS = 1.5  # a family of budgets searches once, with this many times the trials of one budget
+MEASURE_BUDGET = None  # None: latency_lut.FILE_BUDGET (hundreds of calls per measurement); tests shrink it
 RUN_FILE = "run.json"
 
 
@@ -54,14 +57,103 @@ class UsageError(ValueError):
     """Bad input: reported as one line on stderr with exit code 2."""
 
 
+# ---- the job: what the user asked for, typed ------------------------------------------------------------------------
+
+
+_TARGET = re.compile(r"^(?:(?P<ms>\d+(?:\.\d*)?|\.\d+)(?:ms)?|(?:(?P<factor>\d+(?:\.\d*)?|\.\d+)\s*[x*]\s*)?"
+                     r"(?P<reference>[A-Za-z_]\w*))$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One latency budget: milliseconds, or a multiple of a reference arch's latency as measured in the run."""
+
+    ms: float | None = None
+    factor: float = 1.0
+    reference: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.reference is None:
+            return f"{self.ms:g}ms"
+        return self.reference if self.factor == 1.0 else f"{self.factor:g}x{self.reference}"
+
+
+def parse_targets(text: str) -> tuple[Target, ...]:
+    """`8`, `8ms`, `shufflenet_v2_x0_5`, `0.75xshufflenet_v2_x0_5`, or several of them, comma-separated, ascending.
+
+    Raises:
+        UsageError: an empty list, an item that is neither, a budget that is not positive, or an unsorted list.
+    """
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise UsageError(f"--target-ms {text!r}: expected milliseconds or a reference arch, comma-separated")
+    targets = []
+    for item in items:
+        m = _TARGET.match(item)
+        if m is None:
+            raise UsageError(f"--target-ms {item!r}: expected milliseconds (8, 8ms) or a reference arch "
+                             f"(shufflenet_v2_x0_5, 0.75xshufflenet_v2_x0_5)")
+        if m["ms"] is not None:
+            target = Target(ms=float(m["ms"]))
+        else:
+            target = Target(factor=float(m["factor"] or 1.0), reference=m["reference"])
+        if not (target.ms or target.factor) > 0:
+            raise UsageError(f"--target-ms {item!r}: a budget must be positive")
+        targets.append(target)
+    kinds = {t.reference for t in targets}
+    if len(kinds) > 1:
+        raise UsageError(f"--target-ms {text!r}: give every budget in milliseconds, or every one relative to the same "
+                         f"reference")
+    values = [t.ms if t.reference is None else t.factor for t in targets]
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        raise UsageError(f"--target-ms {text!r}: list the budgets in ascending order, each once")
+    return tuple(targets)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a run needs from the command line; the argparse namespace ends here (see `job_from_args`)."""
+
+    targets: tuple[Target, ...]
+    config: Path
+    preset: str
+    device: str | None
+    runtime: str | None
+    statistic: str | None
+    search: dict[str, Any]  # overrides of the config's search section (searcher, sampler, trials, ...)
+    run_dir: Path | None
+    storage: str | None
+    ray_address: str | None
+    lut: Path | None
+    allow_lut_mismatch: bool
+    seed: int | None
+    threads: int | None
+    supernets: tuple[Path, ...]  # trained supernets to use (one per replica); empty: the shared store
+    supernet_store: Path | None
+    argv: tuple[str, ...] = ()
+
+    @property
+    def target_text(self) -> str:
+        return ",".join(t.label for t in self.targets)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python search.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--target-ms", type=float, required=True,
-                   help="latency budget in milliseconds per batch on the device (batch size: the config's latency "
-                        "section, 1 by default)")
+    p.add_argument("--target-ms", required=True,
+                   help="latency budget per batch on the device, in the run's runtime and statistic: milliseconds "
+                        "(8), a reference arch of the space measured now (shufflenet_v2_x0_5; also smallest, "
+                        "largest), or a multiple of one (0.75xshufflenet_v2_x0_5); several, comma-separated and "
+                        "ascending, give one family of winners per budget (0.3,0.4,0.5)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the config's device)")
+    p.add_argument("--runtime", choices=("onnxruntime", "eager"), default=None,
+                   help="what runs the shipped model, and so what latency means: onnxruntime (model.onnx; the "
+                        "default on cpu) or eager (PyTorch, model.pt2; the default on cuda)")
+    p.add_argument("--statistic", choices=("p50", "p90", "p99"), default=None,
+                   help="what the budget promises: a percentile over every call of a measurement (default: the "
+                        "config's, p50)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: the fashion_mnist one)")
     p.add_argument("--preset", default="quick", help="preset of the experiment file: quick (minutes) or full")
     p.add_argument("--searcher", choices=("optuna", "ray"), default=None, help="search driver (default: config's)")
@@ -70,8 +162,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--objectives", choices=("single", "multi"), default=None,
                    help="single: accuracy under the budget; multi: accuracy and latency, the Pareto front")
     p.add_argument("--trials", type=int, default=None, help="candidates to score in total (default: config's)")
-    p.add_argument("--top-k", type=int, default=None, help="winners to retrain and export (default: config's)")
-    p.add_argument("--run-dir", default=None, help="where everything of this run goes (default: runs/<name>)")
+    p.add_argument("--top-k", type=int, default=None, help="winners per budget to retrain and export (default: "
+                                                           "config's)")
+    p.add_argument("--run-dir", default=None, help="where everything of this run goes (default: ./runs/<name>)")
+    p.add_argument("--supernet", action="append", default=None, metavar="PATH",
+                   help="a trained supernet (supernet.pt or its folder) to search with instead of the shared store; "
+                        "repeat once per replica. Its space, data and recipe must be this experiment's")
+    p.add_argument("--supernet-store", default=None,
+                   help="folder of shared supernets (default: $SHUFFLENAS_HOME/supernets, ~/.cache/shufflenas)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage shared by several processes or machines: a journal file path or a database "
                         "URL (postgresql://..., mysql://...); default: a journal file in the run directory")
@@ -82,7 +180,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "from scratch for search.asha_epochs with ASHA stopping the weak early (no supernet; "
                         "single objective)")
     p.add_argument("--lut", default=None,
-                   help="latency table file, profiled into when missing (default: luts/<space>-<device>-....json)")
+                   help="latency table file, profiled into when missing (default: the cache folder's "
+                        "luts/<space>-<device>-<runtime>-....json)")
     p.add_argument("--allow-lut-mismatch", action="store_true",
                    help="use a latency table measured on another device or with other settings (not recommended)")
     p.add_argument("--seed", type=int, default=None, help="seed of everything (default: the config's)")
@@ -92,19 +191,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def job_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Job:
+    search = {k: v for k, v in {"searcher": args.searcher, "sampler": args.sampler, "objectives": args.objectives,
+                                "trials": args.trials, "top_k": args.top_k, "ray_mode": args.ray_mode}.items()
+              if v is not None}
+    for name in ("trials", "top_k", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    return Job(
+        targets=parse_targets(args.target_ms), config=Path(args.config), preset=args.preset, device=args.device,
+        runtime=args.runtime, statistic=args.statistic, search=search,
+        run_dir=Path(args.run_dir) if args.run_dir else None, storage=args.storage, ray_address=args.ray_address,
+        lut=Path(args.lut) if args.lut else None, allow_lut_mismatch=args.allow_lut_mismatch, seed=args.seed,
+        threads=args.threads, supernets=tuple(Path(p) for p in args.supernet or ()),
+        supernet_store=Path(args.supernet_store) if args.supernet_store else None, argv=tuple(argv),
+    )
+
+
+# ---- the run: settings, paths, step timings -------------------------------------------------------------------------
+
+
 @dataclass
 class Run:
-    """What the steps share: settings, paths and the timings of each step (kept across resumptions)."""
+    """What the steps share: the job, the resolved config and device, paths, notes and the time of each step."""
 
-    args: argparse.Namespace
+    job: Job
     cfg: Any
     device: str
     run_dir: Path
     steps: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def step(self, name: str, index: int, total: int, work: Callable[[], Any]) -> Any:
-        print(f"[{index}/{total}] {name}", file=sys.stderr, flush=True)
+    @property
+    def runtime(self) -> str:
+        return self.cfg.latency.runtime
+
+    @property
+    def statistic(self) -> str:
+        return self.cfg.latency.statistic
+
+    @property
+    def family(self) -> bool:
+        return len(self.job.targets) > 1
+
+    def step(self, name: str, work: Callable[[], Any]) -> Any:
+        """Run one step of `STEPS`, numbered from that list, and add its wall time to steps.json."""
+        print(f"[{STEPS.index(name) + 1}/{len(STEPS)}] {name}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         result = work()
         self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - start
@@ -122,37 +255,64 @@ class Run:
             self.steps = {k: float(v) for k, v in json.loads(path.read_text()).items()}
 
 
-def configure(args: argparse.Namespace) -> Run:
-    """Config, device and run directory, each checked before any work."""
-    from experiments.config import load_experiment
-    from latency_lut import resolve_device
+# The steps in order, with the artifact each leaves (how a rerun knows it is done): numbering and resumption
+# follow this list.
+STEP_ARTIFACTS: dict[str, str] = {
+    "lut": "the latency table file (complete, with a fitted correction)",
+    "target": "targets.json (budgets in milliseconds, with the machine that measured the references)",
+    "check": "nothing: the budgets are checked against the table every run",
+    "supernet": "<store>/<space>-<data>-<recipe>-s<seed>/supernet.pt, finished",
+    "calibrate": "calibration.json (with the machine that measured it)",
+    "search": "search/ (the study: a journal file, a database or Ray Tune's experiment), trials.csv",
+    "ship": "ship.json (verdicts with the machine that measured them), winners/",
+    "report": "report.md, pareto.png",
+}
+STEPS = list(STEP_ARTIFACTS)
 
-    if not math.isfinite(args.target_ms) or args.target_ms <= 0:
-        raise UsageError(f"--target-ms {args.target_ms}: must be a positive number of milliseconds")
-    for name in ("trials", "top_k", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    cfg = load_experiment(args.config, args.preset)
-    search = replace(cfg.search, **{k: v for k, v in {
-        "searcher": args.searcher, "sampler": args.sampler, "objectives": args.objectives, "trials": args.trials,
-        "top_k": args.top_k, "ray_mode": args.ray_mode}.items() if v is not None})
-    cfg = replace(cfg, search=search, latency=replace(cfg.latency, target_ms=args.target_ms),
-                  seed=cfg.seed if args.seed is None else args.seed, device=args.device or cfg.device)
+
+def configure(job: Job) -> Run:
+    """Config, device, runtime and run directory, each checked before any work."""
+    from experiments.config import load_experiment
+    from latency_lut import default_runtime, resolve_device
+
+    cfg = load_experiment(job.config, job.preset)
+    search = replace(cfg.search, **job.search)
+    cfg = replace(cfg, search=search, seed=cfg.seed if job.seed is None else job.seed,
+                  device=job.device or cfg.device)
     device = str(resolve_device(cfg.device))  # `cuda` without CUDA fails here, in one line
-    if args.ray_address and cfg.search.searcher != "ray":
+    runtime = job.runtime or cfg.latency.runtime or default_runtime(device)
+    if runtime == "onnxruntime" and device != "cpu":
+        raise UsageError(f"--runtime onnxruntime is measured on the cpu only, not on {device}; use --runtime eager")
+    _check_runtime_installed(runtime)
+    cfg = replace(cfg, latency=replace(cfg.latency, runtime=runtime, statistic=job.statistic or cfg.latency.statistic,
+                                       target_ms=None))
+    if job.ray_address and cfg.search.searcher != "ray":
         raise UsageError("--ray-address needs --searcher ray")
     if cfg.search.ray_mode == "asha" and cfg.search.searcher != "ray":
         raise UsageError("ray_mode asha needs --searcher ray")
-    if cfg.search.ray_mode == "asha" and cfg.search.objectives != "single":
-        raise UsageError("ray_mode asha is single-objective only: truncated trainings would mislead a Pareto front")
-    name = f"{Path(args.config).stem}-{args.preset}-{device.replace(':', '')}-{args.target_ms:g}ms-s{cfg.seed}"
-    run_dir = Path(args.run_dir or ROOT / "runs" / name).resolve()
-    run = Run(args=args, cfg=cfg, device=device, run_dir=run_dir)
+    if cfg.search.ray_mode == "asha" and (cfg.search.objectives != "single" or len(job.targets) > 1):
+        raise UsageError("ray_mode asha is single-objective with one budget: truncated trainings would mislead a "
+                         "Pareto front")
+    if len(job.targets) > 1:  # one multi-objective study serves every budget (see `search_step`)
+        cfg = replace(cfg, search=replace(cfg.search, objectives="multi",
+                                          trials=math.ceil(FAMILY_TRIALS * cfg.search.trials)))
+    name = (f"{job.config.stem}-{job.preset}-{device.replace(':', '')}-{runtime}-{job.target_text}-"
+            f"{cfg.latency.statistic}-s{cfg.seed}")
+    run_dir = (job.run_dir or Path.cwd() / "runs" / name).resolve()
+    run = Run(job=job, cfg=cfg, device=device, run_dir=run_dir)
     check_run_dir(run)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if job.threads:
+        torch.set_num_threads(job.threads)
     return run
+
+
+def _check_runtime_installed(runtime: str) -> None:
+    if runtime == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise UsageError("runtime onnxruntime is not installed: pip install -e \".[export]\" (or choose "
+                             "--runtime eager)") from None
 
 
 def check_run_dir(run: Run) -> None:
@@ -166,7 +326,7 @@ def check_run_dir(run: Run) -> None:
         "preset": cfg.preset,
         "fingerprint": fingerprint({**cfg.to_dict(), "source": None, "search": None}),
         "search": {k: v for k, v in cfg.search.__dict__.items() if k not in ("trials", "top_k")},
-        "target_ms": cfg.latency.target_ms,
+        "targets": run.job.target_text,
         "device": run.device,
         "seed": cfg.seed,
     }
@@ -182,54 +342,243 @@ def check_run_dir(run: Run) -> None:
     run.load_steps()
 
 
-# ---- 1. the latency table -----------------------------------------------------------------------------------------
-
-
 def latency_settings(run: Run, num_classes: int):
     from latency_lut import Settings
 
     lat = run.cfg.latency
     return Settings(runtime=lat.runtime, batch_size=lat.batch_size, threads=lat.threads, dtype=lat.dtype,
-                    num_classes=num_classes)
+                    num_classes=num_classes, statistic=lat.statistic)
 
 
-def latency_table(run: Run, space, num_classes: int):
+def machine(run: Run, settings) -> dict[str, Any]:
+    """The fingerprint of what measures now (device, software, settings): stored with every cached verdict."""
+    from latency_lut import Fingerprint
+
+    return Fingerprint.machine(run.device, settings)
+
+
+def cached(path: Path, here: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON at `path` when it was measured by the machine `here`, else None (measure again)."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data if data.get("machine") == here else None
+
+
+# ---- lut ----------------------------------------------------------------------------------------------------------
+
+
+def latency_table(run: Run, space, settings):
     """Load the device's table, or profile (resumable) and calibrate a new one."""
+    from experiments.supernets import cache_home
     from latency_lut import LatencyTable, default_out, profile, validate
 
-    settings = latency_settings(run, num_classes)
-    path = Path(run.args.lut) if run.args.lut else ROOT / default_out(space, run.device, settings)
+    mismatch = run.job.allow_lut_mismatch
+    path = run.job.lut or cache_home() / default_out(space, run.device, settings)
     if path.exists():
         # A table measured elsewhere is refused here (unless --allow-lut-mismatch), before it is extended.
-        table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=run.args.allow_lut_mismatch)
+        table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=mismatch)
         if table.geometry != space.geometry:
             raise UsageError(f"{path}: measured for another input geometry ({table.geometry}), not {space.geometry}")
         if not table.missing(space) and table.correction.fitted_on:
-            return table, path
-    profile(space, path, run.device, settings, allow_mismatch=run.args.allow_lut_mismatch, seed=run.cfg.seed)
-    table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=run.args.allow_lut_mismatch)
+            return table
+    profile(space, path, run.device, settings, allow_mismatch=mismatch, seed=run.cfg.seed)
+    table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=mismatch)
     if not table.correction.fitted_on:
         validate(path, space, n=CALIBRATION_ARCHS, seed=run.cfg.seed, calibrate_frac=0.5,
-                 report_dir=path.parent / f"{path.stem}-validation", device=run.device,
-                 allow_mismatch=run.args.allow_lut_mismatch)
-        table = LatencyTable.load(path, expect=settings, device=run.device,
-                                  allow_mismatch=run.args.allow_lut_mismatch)
-    return table, path
+                 report_dir=path.parent / f"{path.stem}-validation", device=run.device, allow_mismatch=mismatch)
+        table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=mismatch)
+    return table
 
 
-# ---- 3.-4. supernet and search ------------------------------------------------------------------------------------
+# ---- measuring the shipped file -----------------------------------------------------------------------------------
 
 
-def train_or_load_supernets(run: Run, space, splits):
-    """The recipe's `supernet.replicas` trained supernets (a finished one is loaded from its checkpoint)."""
-    from experiments.train import train_supernets
+def export_shipped(model: torch.nn.Module, runtime: str, folder: Path) -> Path:
+    """Export `model` as the one file `runtime` runs (model.onnx or model.pt2), exactly as shipping does."""
+    from experiments.export import export_onnx, export_program
+    from latency_lut import SHIPPED_FILES
 
-    return train_supernets(space, splits, run.cfg, run.run_dir / "supernet", device=run.device)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SHIPPED_FILES[runtime]
+    (export_onnx if runtime == "onnxruntime" else export_program)(model.cpu().eval(), path)
+    return path
 
 
-def make_searcher(run: Run, space, table, evaluator, target_ms: float, study_name: str, num_classes: int):
+def measure_shipped(run: Run, path: Path, settings) -> Any:
+    """Time a shipped file on the run's device, in a fresh process, with the table's settings.
+
+    A fresh process, as the table was profiled and as the model is deployed: a process that has just trained timed
+    the same networks 1.26x slower on a 2-core CPU (see `latency_lut.measure_model_fresh`).
+    """
+    from latency_lut import FILE_BUDGET, measure_file_fresh
+
+    return measure_file_fresh(path, run.device, settings, MEASURE_BUDGET or FILE_BUDGET, seed=run.cfg.seed)
+
+
+def measure_model(run: Run, model: torch.nn.Module, settings, purpose: str = "verdict") -> Any:
+    """Export `model` as the runtime's file into a temporary folder and measure that (random weights will do:
+    latency does not depend on them). `purpose`: "verdict", "calibrate" or "reference", for the record."""
+    with tempfile.TemporaryDirectory(dir=run.run_dir, prefix=".measure-") as folder:
+        return measure_shipped(run, export_shipped(model, run.runtime, Path(folder)), settings)
+
+
+def verdict(run: Run, measure_once: Callable[[], Any], target_ms: float) -> dict[str, Any]:
+    """A measurement that decides shipping: the lowest of up to VERDICT_TRIES, taken while it is over the budget.
+
+    A shared machine only ever adds time, in phases that last seconds (one thread on a 2-core machine: the same
+    network measured 3.5 and 6.0 ms a minute apart). A measurement within the budget is believed at once; one over
+    it, but by less than RETRY_BAND, is taken again, up to VERDICT_TRIES in all, and the one with the lowest
+    statistic decides. Each is a clean measurement (a fresh process, warm-up, hundreds of calls); every try is kept.
+    """
+    stat = run.statistic
+    tries = [measure_once()]
+    while len(tries) < VERDICT_TRIES and target_ms < tries[-1].value(stat) < RETRY_BAND * target_ms:
+        tries.append(measure_once())
+    best = min(tries, key=lambda m: m.value(stat))
+    return {"statistic": stat, "ms": best.value(stat), **best.summary(),
+            "tries_ms": [m.value(stat) for m in tries]}
+
+
+# ---- target: budgets relative to a reference, measured now --------------------------------------------------------
+
+
+def resolve_targets(run: Run, space, settings, num_classes: int) -> list[float]:
+    """Each budget in milliseconds; a reference arch is exported and measured now (kept in targets.json)."""
+    from search_space.files import atomic_write
+
+    refs = {t.reference for t in run.job.targets if t.reference is not None}
+    if not refs:
+        return [float(t.ms) for t in run.job.targets]
+    (name,) = refs
+    known = reference_points(space)
+    here = machine(run, settings)
+    path = run.run_dir / "targets.json"
+    data = cached(path, here)
+    if data is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run.cfg.seed)
+            model = space.build(known[name], num_classes)
+        m = measure_model(run, model, settings, purpose="reference")
+        data = {"reference": name, "arch": known[name].encode(), "measured": {"ms": m.value(run.statistic),
+                **m.summary()}, "machine": here}
+        atomic_write(path, lambda f: json.dump(data, f, indent=1))
+    ms = data["measured"]["ms"]
+    run.notes.append(f"{name} measured {ms:.3f} ms ({run.statistic}, {run.runtime}) on this device now; the "
+                     f"budgets are multiples of that")
+    return [t.factor * ms for t in run.job.targets]
+
+
+def reference_points(space) -> dict[str, Any]:
+    """The archs a budget can be relative to: the torchvision shapes the space holds, its smallest and its largest."""
+    return {**space.contained_references(), "smallest": space.smallest(), "largest": space.largest()}
+
+
+def check_reference(run: Run, space) -> None:
+    """A budget relative to an arch the space does not name fails before any work."""
+    known = reference_points(space)
+    for t in run.job.targets:
+        if t.reference is not None and t.reference not in known:
+            raise UsageError(f"--target-ms {t.label}: {t.reference!r} is not a reference arch of space {space.name!r} "
+                             f"(it has: {', '.join(known)})")
+
+
+def check_budgets(table, space, targets: Sequence[float], run: Run) -> list[bool]:
+    """Whether each budget binds; a budget no arch meets fails here, naming which of several it was."""
+    from searchers.base import InfeasibleTarget, check_target
+
+    binds = []
+    for target, spec in zip(targets, run.job.targets, strict=True):
+        try:
+            notice = check_target(table, space, target)
+        except InfeasibleTarget as e:
+            which = f"budget {spec.label} ({target:.3f} ms): " if run.family or spec.reference else ""
+            raise UsageError(f"{which}{e}") from None
+        if notice:
+            run.notes.append(notice.removeprefix("notice: "))
+        binds.append(notice is None)
+    return binds
+
+
+# ---- supernet -----------------------------------------------------------------------------------------------------
+
+
+def supernets_step(run: Run, space, splits) -> tuple[list, list[str]]:
+    """The supernets to score with: given by path, or from the shared store (trained there once)."""
+    from experiments.supernets import default_store, given_supernets, shared_supernets
+
+    if run.job.supernets:
+        nets = given_supernets(run.job.supernets, space, run.cfg, splits.num_classes)
+        return [n.to(run.device) for n in nets], [str(p) for p in run.job.supernets]
+    store = run.job.supernet_store or default_store()
+    nets, paths = shared_supernets(space, splits, run.cfg, store, device=run.device)
+    return nets, [str(p) for p in paths]
+
+
+# ---- calibrate ----------------------------------------------------------------------------------------------------
+
+
+def calibrate_now(run: Run, space, table, settings, num_classes: int, targets: Sequence[float],
+                  binds: Sequence[bool]) -> tuple[Any, dict]:
+    """Rescale the table to what the device measures now near the budgets.
+
+    The table was profiled and corrected earlier (maybe another day, under another load); the archs that matter are
+    the ones near the budgets, so `latency.calibrate_archs` of them are exported and their shipped file timed now
+    (each in a fresh process) and the table's predictions are multiplied by the lowest measured / predicted ratio.
+    Kept in RUN_DIR/calibration.json with the measuring machine: a resumed run on the same machine reuses it.
+    Nothing is measured when `latency.calibrate_archs` is 0 or no budget binds.
+
+    Raises:
+        UsageError: at that ratio not even the fastest arch meets the smallest budget (nothing is stored then).
+    """
+    from search_space.files import atomic_write
+
+    path = run.run_dir / "calibration.json"
+    count = run.cfg.latency.calibrate_archs
+    here = machine(run, settings)
+    data = cached(path, here)
+    binding = [t for t, b in zip(targets, binds, strict=True) if b]
+    if data is None and (count == 0 or not binding):
+        return table, {"ratio": 1.0, "archs": []}
+    if data is None:
+        rng = np.random.default_rng(run.cfg.seed)
+        pool = list({a.encode(): a for a in (space.sample(rng) for _ in range(2000))}.values())
+        predicted = table.predict_many(pool)
+        picks: list[int] = []
+        for i, target in enumerate(binding):  # just under each budget, where its winners will be
+            share = count // len(binding) + (i < count % len(binding))
+            order = [j for j in np.argsort(np.abs(predicted - 0.95 * target)) if j not in picks]
+            picks += order[:max(share, 1)]
+        rows = []
+        for n, i in enumerate(picks, start=1):
+            m = measure_model(run, space.build(pool[i], num_classes), settings, purpose="calibrate")
+            rows.append({"arch": pool[i].encode(), "predicted_ms": float(predicted[i]),
+                         "measured_ms": m.value(run.statistic)})
+            print(f"  calibrate {n}/{len(picks)}: predicted {predicted[i]:.3f} ms, measured "
+                  f"{rows[-1]['measured_ms']:.3f} ms", file=sys.stderr, flush=True)
+        # A shared machine only ever adds time, in phases that can last seconds: the lowest ratio is the one least
+        # touched by them.
+        ratio = float(min(r["measured_ms"] / r["predicted_ms"] for r in rows))
+        data = {"ratio": ratio, "archs": rows, "machine": here}
+        fastest = table.min_latency(space) * ratio
+        if fastest > min(binding):  # not stored: a rerun measures again, when the machine may be quieter
+            measured = [r["measured_ms"] for r in rows]
+            raise UsageError(
+                f"budget {min(binding):.3f} ms cannot be met as the device measures now: {len(rows)} archs the table "
+                f"puts at {min(predicted[picks]):.2f}-{max(predicted[picks]):.2f} ms measured {min(measured):.2f}-"
+                f"{max(measured):.2f} ms (at least {ratio:.2f}x), so the fastest arch would take {fastest:.2f} ms; "
+                f"raise --target-ms, or rerun when the machine is quieter (the trained supernet is kept)")
+        atomic_write(path, lambda f: json.dump(data, f, indent=1))
+    return table.scaled(data["ratio"]), data
+
+
+# ---- search -------------------------------------------------------------------------------------------------------
+
+
+def make_searcher(run: Run, space, table, evaluator, target_ms: float, study_name: str, num_classes: int,
+                  supernet_paths: Sequence[str]):
     cfg = run.cfg.search
-    common = {"sampler": cfg.sampler, "objectives": cfg.objectives, "storage": run.args.storage,
+    common = {"sampler": cfg.sampler, "objectives": cfg.objectives, "storage": run.job.storage,
               "run_dir": run.run_dir / "search", "study_name": study_name, "seed": run.cfg.seed,
               "num_classes": num_classes}
     if cfg.searcher == "ray":
@@ -237,16 +586,13 @@ def make_searcher(run: Run, space, table, evaluator, target_ms: float, study_nam
         from searchers.ray_searcher import RaySearcher
 
         source = str(Path(run.cfg.source).resolve())
-        resources = {"ray_address": run.args.ray_address, "max_concurrent": cfg.workers,
+        resources = {"ray_address": run.job.ray_address, "max_concurrent": cfg.workers,
                      "gpus_per_trial": 1.0 / cfg.workers if "cuda" in run.device else 0.0}
         if cfg.ray_mode == "asha":
             trainer = ScratchTrainerFactory(source, run.cfg.preset, seed=run.cfg.seed, device=run.device)
             return RaySearcher(space, table, target_ms, trainer_factory=trainer, mode="asha",
                                asha_epochs=cfg.asha_epochs, asha_grace=cfg.asha_grace, **resources, **common)
-        from experiments.train import SUPERNET_CHECKPOINT, replica_dir
-
-        first, *others = [str(replica_dir(run.run_dir / "supernet", k) / SUPERNET_CHECKPOINT)
-                          for k in range(run.cfg.supernet.replicas)]
+        first, *others = supernet_paths
         factory = SupernetEvaluatorFactory(source, run.cfg.preset, first, seed=run.cfg.seed, device=run.device,
                                            replica_checkpoints=tuple(others))
         return RaySearcher(space, table, target_ms, evaluator_factory=factory, **resources, **common)
@@ -257,200 +603,205 @@ def make_searcher(run: Run, space, table, evaluator, target_ms: float, study_nam
     return OptunaSearcher(space, table, evaluator, target_ms, **common)
 
 
-# ---- 5. ship: measure, retrain, export, measure again -------------------------------------------------------------
+# ---- ship ---------------------------------------------------------------------------------------------------------
 
 
-def measure(run: Run, model: torch.nn.Module, settings, repeats: int = REPEATS, purpose: str = "ship") -> Any:
-    """Time `model` (on the CPU) on the run's device with the table's settings (`purpose`: "ship" or "calibrate").
+@dataclass
+class Shipping:
+    """ship.json: verdicts by arch (before training, with random weights) and shipped winners by budget and arch.
 
-    In a fresh process, as the table was profiled and as the model will be deployed: this one may have trained, and
-    a process that has trained timed networks 1.26x slower on a 2-core CPU (see `measure_model_fresh`).
+    Every verdict keeps the machine that measured it; a run resumed on another machine measures again.
     """
-    from latency_lut import measure_model_fresh
 
-    g = model.geometry
-    return measure_model_fresh(model, (g.in_channels, g.input_size, g.input_size), run.device, settings,
-                               repeats=repeats, seed=run.cfg.seed)
+    path: Path
+    here: dict[str, Any]
+    measured: dict[str, dict] = field(default_factory=dict)
+    shipped: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path, here: dict[str, Any]) -> Shipping:
+        state = cls(path, here)
+        if path.exists():
+            data = json.loads(path.read_text())
+            state.measured = {k: v for k, v in data.get("measured", {}).items() if v.get("machine") == here}
+            state.shipped = {k: v for k, v in data.get("shipped", {}).items()
+                             if v.get("measured", {}).get("machine") == here}
+        return state
+
+    def save(self) -> None:
+        from search_space.files import atomic_write
+
+        atomic_write(self.path, lambda f: json.dump({"measured": self.measured, "shipped": self.shipped}, f,
+                                                    indent=1))
 
 
-def measure_for_verdict(run: Run, model: torch.nn.Module, settings) -> tuple[Any, int]:
-    """A measurement that decides shipping: the fastest of up to VERDICT_TRIES, taken while it is over the target.
+def winner_folder(run: Run, label: str | None, rank: int, code: str) -> Path:
+    base = run.run_dir / "winners"
+    return (base / label if label else base) / f"{rank}-{code}"
 
-    A shared machine only ever adds time, in phases that last seconds (one thread on this kind of machine: the same
-    network measured 3.5 and 6.0 ms a minute apart). A measurement within the target is therefore believed at once;
-    one over it, but by less than RETRY_BAND, is taken again with NEAR_REPEATS rounds, up to VERDICT_TRIES in all,
-    and the fastest decides (the guide's "fastest block over interleaved runs"). Returns it and the rounds spent.
+
+def ship(run: Run, space, splits, candidates, target_ms: float, label: str | None, state: Shipping,
+         settings) -> tuple[list[dict], list[dict]]:
+    """Walk `candidates` best first; ship the first top_k whose shipped file measures within `target_ms`.
+
+    Each candidate is exported with random weights and its shipped file measured before any training (latency
+    does not depend on the weights). One within the budget is retrained, exported with all its files into
+    winners/.staging/, its shipped file measured again, and only then moved into winners/ by an atomic rename, so
+    a run killed at any moment leaves in winners/ only winners that passed.
     """
-    target = run.cfg.latency.target_ms
-    best, rounds = measure(run, model, settings), REPEATS
-    for _ in range(VERDICT_TRIES - 1):
-        if not target < best.median_ms < RETRY_BAND * target:
-            break
-        again = measure(run, model, settings, repeats=NEAR_REPEATS)
-        rounds += NEAR_REPEATS
-        if again.median_ms < best.median_ms:
-            best = again
-    return best, rounds
-
-
-def calibrate_now(run: Run, space, table, settings, num_classes: int, binds: bool) -> tuple[Any, dict]:
-    """Rescale the table to what the device measures now near the target.
-
-    The table was profiled and corrected earlier (maybe another day, under another load); the archs that matter are
-    the ones near the target, so `latency.calibrate_archs` of them are timed now (each in a fresh process, as every
-    measurement that decides shipping is: see `measure`) and the table's predictions are multiplied
-    by the lowest measured / predicted ratio. Kept in RUN_DIR/calibration.json: a resumed run reuses it. Nothing is
-    measured when `latency.calibrate_archs` is 0 or the target does not bind (no arch is near it).
-
-    Raises:
-        UsageError: at that ratio not even the fastest arch meets the target (nothing is stored then).
-    """
-    from search_space.files import atomic_write
-
-    path = run.run_dir / "calibration.json"
-    count = run.cfg.latency.calibrate_archs
-    if path.exists():
-        data = json.loads(path.read_text())
-    elif count == 0 or not binds:
-        return table, {"ratio": 1.0, "archs": []}
-    else:
-        target = run.cfg.latency.target_ms
-        rng = np.random.default_rng(run.cfg.seed)
-        pool = list({a.encode(): a for a in (space.sample(rng) for _ in range(2000))}.values())
-        predicted = table.predict_many(pool)
-        # Just under the target, where the search's winners will be.
-        picks = np.argsort(np.abs(predicted - 0.95 * target))[:count]
-        rows = []
-        for n, i in enumerate(picks, start=1):
-            m = measure(run, space.build(pool[i], num_classes), settings, purpose="calibrate")
-            rows.append({"arch": pool[i].encode(), "predicted_ms": float(predicted[i]), "measured_ms": m.median_ms})
-            print(f"  calibrate {n}/{len(picks)}: predicted {predicted[i]:.3f} ms, measured {m.median_ms:.3f} ms",
-                  file=sys.stderr, flush=True)
-        # A shared machine only ever adds time, in phases that can last seconds: the lowest ratio is the one least
-        # touched by them (the same reasoning as the fastest round of one measurement).
-        ratio = float(min(r["measured_ms"] / r["predicted_ms"] for r in rows))
-        data = {"ratio": ratio, "archs": rows}
-        fastest = table.min_latency(space) * ratio
-        if fastest > target:  # not stored: a rerun measures again, when the machine may be quieter
-            measured = [r["measured_ms"] for r in rows]
-            raise UsageError(
-                f"target {target:g} ms cannot be met as the device measures now: {len(rows)} archs the table puts at "
-                f"{min(predicted[picks]):.2f}-{max(predicted[picks]):.2f} ms measured {min(measured):.2f}-"
-                f"{max(measured):.2f} ms (at least {ratio:.2f}x), so the fastest arch would take {fastest:.2f} ms; "
-                f"raise --target-ms, or rerun when the machine is quieter (the trained supernet is kept)")
-        atomic_write(path, lambda f: json.dump(data, f, indent=1))
-    return table.scaled(data["ratio"]), data
-
-
-def ship(run: Run, space, splits, result, table, settings) -> tuple[list[dict], list[dict]]:
-    """Walk the feasible candidates best first; ship the first top_k that measure within the target."""
-    from experiments.export import export_all
-    from experiments.train import retrain
-    from search_space.files import atomic_write
-
-    target = run.cfg.latency.target_ms
-    state_path = run.run_dir / "ship.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"measured": {}, "shipped": {}}
-
-    def save() -> None:
-        atomic_write(state_path, lambda f: json.dump(state, f, indent=1))
-
     winners: list[dict] = []
     rejected: list[dict] = []
-    for candidate in result.top(len(result.trials)):
+    for candidate in candidates:
         if len(winners) >= run.cfg.search.top_k:
             break
         code = candidate.arch
         arch = type(space.largest()).decode(code)
-        if code not in state["measured"]:  # latency does not depend on the weights: measure before training
-            m, rounds = measure_for_verdict(run, space.build(arch, splits.num_classes), settings)
-            state["measured"][code] = {"median_ms": m.median_ms, "p90_ms": m.p90_ms, "rounds": rounds}
-            save()
-        measured = state["measured"][code]
-        if measured["median_ms"] > target:
-            rejected.append({"arch": code, "predicted_ms": candidate.predicted_ms,
-                             "measured_ms": measured["median_ms"], "accuracy": candidate.accuracy})
+        if code not in state.measured:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(run.cfg.seed)
+                model = space.build(arch, splits.num_classes)
+            state.measured[code] = {**verdict(run, lambda m=model: measure_model(run, m, settings), target_ms),
+                                    "machine": state.here}
+            state.save()
+        before = state.measured[code]
+        if before["ms"] > target_ms:
+            rejected.append({"arch": code, "predicted_ms": candidate.predicted_ms, "measured_ms": before["ms"],
+                             "accuracy": candidate.accuracy, "when": "before training"})
             continue
         rank = len(winners) + 1
-        folder = run.run_dir / "winners" / f"{rank}-{code}"
-        if code not in state["shipped"]:
-            trained = retrain(space, arch, splits, run.cfg, folder / "train", device=run.device)
-            model = trained.model.cpu().eval()  # exported and measured from the CPU
-            after, rounds = measure_for_verdict(run, model, settings)
-            card = {
-                "predicted_ms": candidate.predicted_ms, "measured_ms": after.median_ms, "measured_rounds": rounds,
-                "measured_p10_ms": after.p10_ms, "measured_p90_ms": after.p90_ms,
-                "target_ms": target, "fingerprint": table.fingerprint.to_dict(),
-                "search_accuracy": candidate.accuracy, "val_accuracy": trained.val_accuracy,
-                "test_accuracy": trained.test_accuracy, "seed": run.cfg.seed,
-                "recipe": run.cfg.to_dict()["retrain"], "data": run.cfg.data.name, "device": run.device,
-            }
-            export_all(model, folder, card=card, extra={"mean": list(splits.mean), "std": list(splits.std)})
-            state["shipped"][code] = {**card, "folder": str(folder.relative_to(run.run_dir))}
-            save()
-        shipped = state["shipped"][code]
-        if shipped["measured_ms"] > target:  # the exported network itself is over: it is not a winner after all
-            rejected.append({"arch": code, "predicted_ms": candidate.predicted_ms,
-                             "measured_ms": shipped["measured_ms"], "accuracy": candidate.accuracy})
-            shutil.rmtree(folder, ignore_errors=True)
+        key = f"{label or ''}/{code}"
+        folder = winner_folder(run, label, rank, code)
+        if key not in state.shipped or not (folder / "model_card.json").exists():
+            card = retrain_and_stage(run, space, splits, arch, candidate, target_ms, label, settings, folder)
+            state.shipped[key] = card
+            state.save()
+        card = state.shipped[key]
+        if card["measured_ms"] > target_ms:  # the exported, trained network itself is over: not a winner
+            rejected.append({"arch": code, "predicted_ms": candidate.predicted_ms, "measured_ms": card["measured_ms"],
+                             "accuracy": candidate.accuracy, "when": "after training"})
             continue
         cost = space.cost(arch, splits.num_classes)
         winners.append({"rank": rank, "arch": code, "params": cost.params, "mflops": cost.mflops,
-                        "measured_p90_ms": shipped["measured_p90_ms"], **shipped})
+                        "folder": str(folder.relative_to(run.run_dir)), **card})
     return winners, rejected
+
+
+def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float, label: str | None, settings,
+                      folder: Path) -> dict[str, Any]:
+    """Retrain `arch` (resumable, in RUN_DIR/retrain/), export it into a staging folder, measure its shipped file
+    there, and move the folder to `folder` when it is within `target_ms`. Returns the model card."""
+    from experiments.export import export_all
+    from experiments.train import retrain
+    from latency_lut import SHIPPED_FILES
+
+    code = arch.encode()
+    start = time.perf_counter()
+    trained = retrain(space, arch, splits, run.cfg, run.run_dir / "retrain" / code, device=run.device)
+    run.steps["ship: retraining"] = run.steps.get("ship: retraining", 0.0) + time.perf_counter() - start
+    model = trained.model.cpu().eval()  # exported and measured from the CPU; the child moves it to the device
+    staging = run.run_dir / "winners" / ".staging" / f"{label or 'run'}-{code}"
+    shutil.rmtree(staging, ignore_errors=True)  # a kill mid-export leaves nothing that counts
+    card = {
+        "predicted_ms": candidate.predicted_ms, "target_ms": target_ms, "target": label or run.job.target_text,
+        "runtime": run.runtime, "shipped_file": SHIPPED_FILES[run.runtime], "statistic": run.statistic,
+        "search_accuracy": candidate.accuracy, "val_accuracy": trained.val_accuracy,
+        "test_accuracy": trained.test_accuracy, "seed": run.cfg.seed, "recipe": run.cfg.to_dict()["retrain"],
+        "data": run.cfg.data.name, "device": run.device,
+    }
+    export_all(model, staging, card=card, extra={"mean": list(splits.mean), "std": list(splits.std)})
+    shipped = staging / SHIPPED_FILES[run.runtime]
+    card["measured"] = {**verdict(run, lambda: measure_shipped(run, shipped, settings), target_ms),
+                        "machine": machine(run, settings)}
+    card["measured_ms"] = card["measured"]["ms"]
+    full = {**json.loads((staging / "model_card.json").read_text()), **card}
+    from search_space.files import atomic_write
+
+    atomic_write(staging / "model_card.json", lambda f: json.dump(full, f, indent=2, default=str))
+    if card["measured_ms"] <= target_ms:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, folder)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+    return card
 
 
 # ---- the job ------------------------------------------------------------------------------------------------------
 
 
-def run_job(args: argparse.Namespace) -> Path:
+def run_job(job: Job) -> Path:
     from experiments.data import load_splits
     from experiments.evaluate import Evaluator
-    from experiments.report import Marker, plot_pareto, write_report
-    from search_space import SearchSpace
-    from searchers.base import check_target
 
-    run = configure(args)
+    run = configure(job)
     cfg = run.cfg
-    target = cfg.latency.target_ms
-    space = SearchSpace.from_yaml(cfg.space)
+    space = _load_space(cfg.space)
+    check_reference(run, space)
     splits = load_splits(cfg.data, cfg.seed)  # missing data fails here, before any measurement
-    total = 7
-    table, _ = run.step("lut", 1, total, lambda: latency_table(run, space, splits.num_classes))
     settings = latency_settings(run, splits.num_classes)
-    notice = run.step("check", 2, total, lambda: check_target(table, space, target))
-    if notice:  # the searcher prints it when it starts; the report keeps it
-        run.notes.append(notice.removeprefix("notice: "))
+    table = run.step("lut", lambda: latency_table(run, space, settings))
+    targets = run.step("target", lambda: resolve_targets(run, space, settings, splits.num_classes))
+    binds = run.step("check", lambda: check_budgets(table, space, targets, run))
     asha = cfg.search.searcher == "ray" and cfg.search.ray_mode == "asha"
+    supernets, supernet_paths = None, []
     if asha:  # candidates are trained from scratch: no supernet to train
         run.notes.append(f"Ray Tune with ASHA: each candidate trained from scratch for up to "
                          f"{cfg.search.asha_epochs} epoch(s); no supernet")
-        supernets = None
     else:
-        supernets = run.step("supernet", 3, total, lambda: train_or_load_supernets(run, space, splits))
+        supernets, supernet_paths = run.step("supernet", lambda: supernets_step(run, space, splits))
+        run.notes.append("supernet" + ("s" if len(supernet_paths) > 1 else "") + " used: "
+                         + ", ".join(f"`{p}`" for p in supernet_paths))
         if len(supernets) > 1:
-            run.notes.append(f"each candidate scored by the mean of {len(supernets)} supernet replicas (seeds "
-                             f"{cfg.seed}-{cfg.seed + len(supernets) - 1})")
-    table, calibration = run.step("calibrate", 4, total, lambda: calibrate_now(
-        run, space, table, settings, splits.num_classes, binds=not notice))
+            run.notes.append(f"each candidate scored by the mean of {len(supernets)} supernet replicas")
+    table, calibration = run.step("calibrate", lambda: calibrate_now(run, space, table, settings, splits.num_classes,
+                                                                     targets, binds))
     if calibration["archs"]:
-        run.notes.append(f"{len(calibration['archs'])} archs near the target measured at least "
+        run.notes.append(f"{len(calibration['archs'])} archs near the budget measured at least "
                          f"{calibration['ratio']:.3f}x their table prediction in this run; the search used "
                          f"predictions rescaled by that")
     evaluator = None if asha else Evaluator(supernets, splits, cfg.evaluate, seed=cfg.seed, device=run.device)
+    state = Shipping.load(run.run_dir / "ship.json", machine(run, settings))
+    if run.family:
+        result, families = search_family(run, space, splits, table, evaluator, targets, state, settings,
+                                         supernet_paths)
+    else:
+        result, families = search_one(run, space, splits, table, evaluator, targets[0], state, settings,
+                                      supernet_paths)
+    run.step("report", lambda: report(run, space, table, evaluator, result, families, settings, splits.num_classes))
+    print(f"done: report in {run.run_dir / 'report.md'}", file=sys.stderr)
+    for family in families:
+        for w in family["winners"]:
+            print(f"  {family['label']}: #{w['rank']} {w['arch']}  measured {w['measured_ms']:.3f} ms "
+                  f"({run.statistic}, {run.runtime}; budget {family['target_ms']:.3f}), test accuracy "
+                  f"{100 * w['test_accuracy']:.2f}%")
+    missing = [f["label"] for f in families if not f["winners"]]
+    if missing:
+        raise UsageError(f"no candidate measured within budget {', '.join(missing)} on {run.device}; see "
+                         f"{run.run_dir / 'report.md'}")
+    return run.run_dir
 
-    # The table predicts, the device decides: if no candidate measures within the target, search again with the
-    # table's target lowered by the typical prediction error seen (a margin learned from the measurements).
-    table_target = target * (1.0 - cfg.latency.margin)
-    winners: list[dict] = []
+
+def _load_space(path: str):
+    from search_space import SearchSpace
+
+    return SearchSpace.from_yaml(path)
+
+
+def search_one(run: Run, space, splits, table, evaluator, target: float, state: Shipping, settings,
+               supernet_paths: Sequence[str]) -> tuple[Any, list[dict]]:
+    """One budget: search under it; if no candidate measures within it, search again with the table's target
+    lowered by the error measured (a margin learned from the measurements)."""
+    table_target = target * (1.0 - run.cfg.latency.margin)
     rejected_all: list[dict] = []
-    result = None
+    label = run.job.targets[0].label
     for round_ in range(MAX_SEARCH_ROUNDS):
         study = "search" if round_ == 0 else f"search-r{round_}"
-        searcher = make_searcher(run, space, table, evaluator, table_target, study, splits.num_classes)
-        result = run.step("search", 5, total, lambda s=searcher: s.run(cfg.search.trials))
+        searcher = make_searcher(run, space, table, evaluator, table_target, study, splits.num_classes,
+                                 supernet_paths)
+        result = run.step("search", lambda s=searcher: s.run(run.cfg.search.trials))
         result.write_csv(run.run_dir / ("trials.csv" if round_ == 0 else f"trials-r{round_}.csv"))
-        winners, rejected = run.step("ship", 6, total, lambda r=result: ship(run, space, splits, r, table, settings))
+        winners, rejected = run.step("ship", lambda r=result: ship(run, space, splits, r.top(len(r.trials)), target,
+                                                                   None, state, settings))
         rejected_all += rejected
         fastest = table.min_latency(space)
         if winners or not rejected or table_target <= fastest:
@@ -462,45 +813,81 @@ def run_job(args: argparse.Namespace) -> Path:
                 f"the prediction); searching again with the table's target at {table_target:.3f} ms")
         print(note, file=sys.stderr)
         run.notes.append(note)
+    _drop_empty(run.run_dir / "winners" / ".staging")
+    return result, [{"label": label, "target_ms": target, "winners": winners, "rejected": rejected_all}]
 
-    def report() -> None:
-        refs = []
-        ref_markers = []
-        for name, arch in space.contained_references().items() if evaluator else ():
-            predicted = table.predict(arch)
-            accuracy = evaluator.evaluate(arch)
-            refs.append({"name": name, "arch": arch.encode(), "predicted_ms": predicted, "accuracy": accuracy})
-            ref_markers.append(Marker(name.removeprefix("shufflenet_v2_"), predicted, accuracy))
-        win_markers = [Marker(f"#{w['rank']}", w["predicted_ms"], w["search_accuracy"]) for w in winners]
-        plot_pareto(result, run.run_dir / "pareto.png", ref_markers, win_markers,
-                    title=f"{space.name}: {target:g} ms on {run.device}")
-        command = " ".join(map(shlex.quote, ["python", "search.py", *run.args.argv]))
-        write_report(run.run_dir / "report.md", command=command,
-                     target_ms=target, device=run.device, fingerprint=table.fingerprint.to_dict(), result=result,
-                     winners=winners, rejected=rejected_all, steps=run.steps, notes=run.notes, references=refs)
-        if not winners:
-            raise UsageError(f"no candidate measured within {target:g} ms on {run.device} after "
-                             f"{MAX_SEARCH_ROUNDS} search rounds; see {run.run_dir / 'report.md'}")
 
-    run.step("report", 7, total, report)
-    print(f"done: {len(winners)} winner(s) in {run.run_dir / 'winners'}; report: {run.run_dir / 'report.md'}",
-          file=sys.stderr)
-    for w in winners:
-        print(f"  #{w['rank']} {w['arch']}  measured {w['measured_ms']:.3f} ms (target {target:g}), "
-              f"test accuracy {100 * w['test_accuracy']:.2f}%")
-    return run.run_dir
+def search_family(run: Run, space, splits, table, evaluator, targets: Sequence[float], state: Shipping, settings,
+                  supernet_paths: Sequence[str]) -> tuple[Any, list[dict]]:
+    """Several budgets: one multi-objective study (accuracy, predicted latency) under the largest, with
+    FAMILY_TRIALS times the trials of one budget; each budget ships from the trials within it.
+
+    One study rather than one per budget: the Pareto front it approximates holds the best arch of every budget at
+    once, and a trial scored for one budget serves them all, so the family costs one search."""
+    margin = 1.0 - run.cfg.latency.margin
+    searcher = make_searcher(run, space, table, evaluator, targets[-1] * margin, "search", splits.num_classes,
+                             supernet_paths)
+    result = run.step("search", lambda: searcher.run(run.cfg.search.trials))
+    result.write_csv(run.run_dir / "trials.csv")
+    ranked = result.top(len(result.trials))
+    families = []
+    for spec, target in zip(run.job.targets, targets, strict=True):
+        candidates = [t for t in ranked if t.predicted_ms <= target * margin]
+        winners, rejected = run.step("ship", lambda c=candidates, t=target, s=spec: ship(
+            run, space, splits, c, t, s.label, state, settings))
+        families.append({"label": spec.label, "target_ms": target, "winners": winners, "rejected": rejected})
+    run.notes.append(f"one multi-objective study of {run.cfg.search.trials} trials served the {len(targets)} budgets")
+    _drop_empty(run.run_dir / "winners" / ".staging")
+    return result, families
+
+
+def _drop_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+# ---- report -------------------------------------------------------------------------------------------------------
+
+
+def report(run: Run, space, table, evaluator, result, families: list[dict], settings, num_classes: int) -> None:
+    from experiments.report import Marker, plot_pareto, write_report
+    from search_space.files import atomic_write
+
+    refs = []
+    path = run.run_dir / "references.json"
+    measured = cached(path, machine(run, settings)) or {"machine": machine(run, settings), "ms": {}}
+    for name, arch in space.contained_references().items():
+        if name not in measured["ms"]:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(run.cfg.seed)
+                model = space.build(arch, num_classes)
+            measured["ms"][name] = measure_model(run, model, settings, purpose="reference").value(run.statistic)
+            atomic_write(path, lambda f: json.dump(measured, f, indent=1))
+        refs.append({"name": name, "arch": arch.encode(), "predicted_ms": table.predict(arch),
+                     "measured_ms": measured["ms"][name],
+                     "accuracy": evaluator.evaluate(arch) if evaluator else float("nan")})
+    ref_markers = [Marker(r["name"].removeprefix("shufflenet_v2_"), r["predicted_ms"], r["accuracy"]) for r in refs]
+    win_markers = [Marker(f"#{w['rank']}" + (f" {f['label']}" if run.family else ""), w["predicted_ms"],
+                          w["search_accuracy"]) for f in families for w in f["winners"]]
+    plot_pareto(result, run.run_dir / "pareto.png", ref_markers, win_markers,
+                title=f"{space.name} on {run.device} ({run.runtime}, {run.statistic})",
+                targets=[(f["label"], f["target_ms"]) for f in families])
+    command = " ".join(map(shlex.quote, ["python", "search.py", *run.job.argv]))
+    write_report(run.run_dir / "report.md", command=command, device=run.device, runtime=run.runtime,
+                 statistic=run.statistic, fingerprint=table.fingerprint.to_dict(), result=result, families=families,
+                 steps=run.steps, notes=run.notes, references=refs)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the report
     try:
-        run_job(args)
+        run_job(job_from_args(args, argv))
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as e:  # bad input: config, data, device, table, target
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -106,7 +106,7 @@ def main() -> None:
     if todo:
         timed = time_all(space, todo, settings, BUDGET_ROUNDS, args.seed)
         for name, m in timed.items():
-            state["budgets"][name] = round(m.median_ms, 2)
+            state["budgets"][name] = round(m.p50_ms, 2)
         save()
     py = sys.executable
     for name, arch in refs.items():
@@ -157,7 +157,7 @@ def main() -> None:
         archs[f"ref {name}"] = Arch.decode(state["refs"][name]["arch"])
         archs[f"win {name}"] = Arch.decode(state["wins"][name]["arch"])
     timed = time_all(space, archs, settings, FINAL_ROUNDS, args.seed)
-    state["final_ms"] = {k: round(m.median_ms, 3) for k, m in timed.items()}
+    state["final_ms"] = {k: round(m.p50_ms, 3) for k, m in timed.items()}
     save()
     write_markdown(space, refs, state, ROOT / "benchmarks" / "results" / "budgets.md")
 

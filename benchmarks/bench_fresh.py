@@ -61,7 +61,7 @@ def main() -> None:
     trained_s = time.perf_counter() - start
 
     def here():
-        return [measure_model(space.build(a, 10), shape, "cpu", settings).median_ms for a in archs]
+        return [measure_model(space.build(a, 10), shape, "cpu", settings).p50_ms for a in archs]
 
     def trimmed():
         gc.collect()
@@ -69,7 +69,7 @@ def main() -> None:
         return here()
 
     def fresh():
-        return [measure_model_fresh(space.build(a, 10), shape, "cpu", settings).median_ms for a in archs]
+        return [measure_model_fresh(space.build(a, 10), shape, "cpu", settings).p50_ms for a in archs]
 
     ways = {"this process": here, "after malloc_trim": trimmed, "fresh process": fresh}
     results: dict[str, list[list[float]]] = {name: [] for name in ways}

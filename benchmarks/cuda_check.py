@@ -188,7 +188,7 @@ def cmd_target(args: argparse.Namespace) -> int:
 
         def ms(arch: Any) -> float:
             net = space.build(arch, NUM_CLASSES)
-            return measure_model(net, (g.in_channels, g.input_size, g.input_size), args.device, settings).median_ms
+            return measure_model(net, (g.in_channels, g.input_size, g.input_size), args.device, settings).p50_ms
 
         info.update(source="measured", lut_entries=0 if table is None else len(table),
                     min_ms=ms(space.smallest()), max_ms=ms(space.largest()), reference_measured_ms=ms(reference))

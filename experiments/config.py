@@ -183,7 +183,9 @@ class LatencyConfig:
     batch_size: int = 1  # images per timed forward pass (1 = on-device, one request at a time)
     threads: int = 1  # intra-op CPU threads while timing
     dtype: str = "float32"  # tensor dtype of the timed model
-    runtime: str = "eager"  # what executes the model when timing, e.g. eager PyTorch
+    runtime: str | None = None  # what runs the shipped model: "onnxruntime" (model.onnx) or "eager" (PyTorch,
+    #                             model.pt2); None: onnxruntime on a CPU, eager on CUDA
+    statistic: str = "p50"  # what a budget promises: "p50", "p90" or "p99" over every call of a measurement
     margin: float = 0.0  # safety share subtracted from the target (0.1 = aim 10% under it)
     calibrate_archs: int = 8  # archs near the target measured in the search process to rescale the table (0: off)
 
@@ -198,6 +200,10 @@ class LatencyConfig:
             raise ValueError(f"latency.margin: expected 0 <= margin < 1, got {self.margin}")
         if self.calibrate_archs < 0:
             raise ValueError(f"latency.calibrate_archs: expected >= 0, got {self.calibrate_archs}")
+        if self.runtime not in (None, "onnxruntime", "eager"):
+            raise ValueError(f"latency.runtime: {self.runtime!r} is not one of [null, 'onnxruntime', 'eager']")
+        if self.statistic not in ("p50", "p90", "p99"):
+            raise ValueError(f"latency.statistic: {self.statistic!r} is not one of ['p50', 'p90', 'p99']")
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,10 @@ class Marker:
 
 
 def plot_pareto(result: SearchResult, path: str | Path, references: Sequence[Marker] = (),
-                winners: Sequence[Marker] = (), title: str = "") -> None:
-    """Draw every trial, the feasible Pareto front, the target line, references and winners; PNG, atomically."""
+                winners: Sequence[Marker] = (), title: str = "",
+                targets: Sequence[tuple[str, float]] = ()) -> None:
+    """Draw every trial, the feasible Pareto front, a line per budget (`targets`: label and milliseconds; default
+    the search's target), references and winners; PNG, atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +53,9 @@ def plot_pareto(result: SearchResult, path: str | Path, references: Sequence[Mar
     if skipped:
         ax.scatter([t.predicted_ms for t in skipped], [y_floor] * len(skipped), marker="|", s=60, c="tab:gray",
                    label=f"infeasible, not evaluated ({len(skipped)})")
-    ax.axvline(result.target_ms, c="tab:red", ls="--", lw=1.2, label=f"target {result.target_ms:g} ms")
+    styles = ("--", ":", "-.", (0, (5, 1)))
+    for i, (label, ms) in enumerate(targets or [(f"{result.target_ms:g} ms", result.target_ms)]):
+        ax.axvline(ms, c="tab:red", ls=styles[i % len(styles)], lw=1.2, label=f"budget {label} ({ms:.3g} ms)")
     for m in references:
         ax.scatter([m.latency_ms], [m.accuracy if m.accuracy is not None else y_floor], marker="s", s=60,
                    facecolors="none", edgecolors="tab:green", lw=1.5)
@@ -72,6 +76,9 @@ def plot_pareto(result: SearchResult, path: str | Path, references: Sequence[Mar
     plt.close(fig)
 
 
+_SHIPPED = {"onnxruntime": "model.onnx in ONNX Runtime", "eager": "model.pt2, the torch.export program"}
+
+
 def _ms(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
@@ -80,52 +87,40 @@ def _pct(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
-def write_report(path: str | Path, *, command: str, target_ms: float, device: str, fingerprint: dict[str, Any],
-                 result: SearchResult, winners: Sequence[dict[str, Any]], rejected: Sequence[dict[str, Any]],
+def write_report(path: str | Path, *, command: str, device: str, runtime: str, statistic: str,
+                 fingerprint: dict[str, Any], result: SearchResult, families: Sequence[dict[str, Any]],
                  steps: dict[str, float], notes: Sequence[str] = (), references: Sequence[dict[str, Any]] = ()
                  ) -> None:
-    """report.md: the budget, the device, the winners with their measured latency and accuracy, step times."""
+    """report.md: the budgets, the device and runtime, per budget the winners with their measured latency and
+    accuracy and the candidates the measurement rejected, the reference archs measured, step times.
+
+    `families`: one mapping per budget with `label`, `target_ms`, `winners` and `rejected`.
+    """
     done = [t for t in result.trials if t.state == "COMPLETE"]
+    budgets = ", ".join(f"**{f['label']}** ({f['target_ms']:.3f} ms)" for f in families)
     lines = [
         "# shufflenas run report",
         "",
         f"Command: `{command}`",
         "",
-        f"- Target: **{target_ms:g} ms** per batch on `{device}` "
-        f"({fingerprint.get('device_name', '?')}, {fingerprint.get('runtime', '?')}, "
-        f"batch {fingerprint.get('batch_size', '?')}, {fingerprint.get('threads', '?')} thread(s), "
-        f"{fingerprint.get('dtype', '?')})",
-        f"- Trials: {len(done)} completed, {sum(not t.feasible for t in done)} predicted over the target (not "
-        f"evaluated), {len(result.pareto)} on the feasible Pareto front",
+        f"- Budget{'s' if len(families) > 1 else ''}: {budgets} per batch, {statistic} over every call, on `{device}` "
+        f"({fingerprint.get('device_name', '?')}) in **{runtime}**, batch {fingerprint.get('batch_size', '?')}, "
+        f"{fingerprint.get('threads', '?')} thread(s), {fingerprint.get('dtype', '?')}",
+        f"- Trials: {len(done)} completed, {sum(not t.feasible for t in done)} predicted over the "
+        f"{'largest ' if len(families) > 1 else ''}budget (not evaluated), {len(result.pareto)} on the feasible "
+        f"Pareto front",
         "",
-        "## Winners",
-        "",
-        "Latency is measured on the device after export with the latency table's settings (median, p90); accuracy "
-        "is the retrained network's. Validation accuracy comes from images held out of the training split; test "
-        "accuracy from the official test split, used only here.",
-        "",
-        "| rank | arch | params | MFLOPs | predicted ms | measured ms (p50 / p90) | val acc | test acc | folder |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Latency is the {statistic} over every call of the shipped file ({_SHIPPED.get(runtime, runtime)}), "
+        "measured on the device in a fresh process after export; accuracy is the retrained network's. Validation "
+        "accuracy comes from images held out of the training split; test accuracy from the official test split, used "
+        "only here.",
     ]
-    for w in winners:
-        lines.append(
-            f"| {w['rank']} | `{w['arch']}` | {w['params']:,} | {w['mflops']:.1f} | {_ms(w['predicted_ms'])} | "
-            f"{_ms(w['measured_ms'])} / {_ms(w.get('measured_p90_ms'))} | {_pct(w.get('val_accuracy'))} | "
-            f"{_pct(w.get('test_accuracy'))} | `{w['folder']}` |"
-        )
-    if not winners:
-        lines.append("| - | no arch was shipped | | | | | | | |")
-    if rejected:
-        lines += ["", "## The latency promise", "",
-                  "Candidates whose measured latency was over the target were not shipped:", "",
-                  "| arch | predicted ms | measured ms | search accuracy |", "|---|---|---|---|"]
-        for r in rejected:
-            lines.append(f"| `{r['arch']}` | {_ms(r['predicted_ms'])} | {_ms(r['measured_ms'])} | "
-                         f"{_pct(r.get('accuracy'))} |")
-    else:
-        lines += ["", "## The latency promise", "", "Every shipped winner measured within the target."]
+    for f in families:
+        lines += _family(f, statistic, len(families) > 1)
     if references:
         lines += ["", "## Reference archs of the space", "",
+                  f"Measured like the winners ({statistic}, {runtime}, random weights); accuracy with the supernet's "
+                  "weights.", "",
                   "| name | arch | predicted ms | measured ms | search accuracy |", "|---|---|---|---|---|"]
         for r in references:
             lines.append(f"| {r['name']} | `{r['arch']}` | {_ms(r['predicted_ms'])} | {_ms(r.get('measured_ms'))} | "
@@ -134,6 +129,34 @@ def write_report(path: str | Path, *, command: str, target_ms: float, device: st
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in steps.items()]
-    lines += ["", "Files: `trials.csv` (every trial), `pareto.png`, `winners/<rank>-<arch>/` (arch.yaml, model.pt, "
-              "model.pt2, model.onnx, model_card.json)."]
+    lines += ["", "Files: `trials.csv` (every trial), `pareto.png`, `winners/" + ("<budget>/" if len(families) > 1
+              else "") + "<rank>-<arch>/` (arch.yaml, model.pt, model.pt2, model.onnx, model_card.json)."]
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"))
+
+
+def _family(f: dict[str, Any], statistic: str, several: bool) -> list[str]:
+    """The winners and the rejected candidates of one budget."""
+    title = f"Winners: budget {f['label']} ({f['target_ms']:.3f} ms)" if several else "Winners"
+    lines = ["", f"## {title}", "",
+             f"| rank | arch | params | MFLOPs | predicted ms | measured ms ({statistic}) | p50 / p90 / p99 | calls | "
+             "val acc | test acc | folder |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in f["winners"]:
+        m = w["measured"]
+        lines.append(
+            f"| {w['rank']} | `{w['arch']}` | {w['params']:,} | {w['mflops']:.1f} | {_ms(w['predicted_ms'])} | "
+            f"**{_ms(m['ms'])}** | {_ms(m['p50_ms'])} / {_ms(m['p90_ms'])} / {_ms(m['p99_ms'])} | {m['calls']} | "
+            f"{_pct(w.get('val_accuracy'))} | {_pct(w.get('test_accuracy'))} | `{w['folder']}` |"
+        )
+    if not f["winners"]:
+        lines.append("| - | no arch measured within the budget | | | | | | | | | |")
+    lines += ["", "### The latency promise", ""]
+    if f["rejected"]:
+        lines += ["Candidates whose shipped file measured over the budget were not shipped:", "",
+                  "| arch | predicted ms | measured ms | when | search accuracy |", "|---|---|---|---|---|"]
+        for r in f["rejected"]:
+            lines.append(f"| `{r['arch']}` | {_ms(r['predicted_ms'])} | {_ms(r['measured_ms'])} | "
+                         f"{r.get('when', '')} | {_pct(r.get('accuracy'))} |")
+    else:
+        lines.append("Every candidate measured within the budget.")
+    return lines

@@ -2,6 +2,7 @@
 
     python -m latency_lut profile --space SPACE.yaml --device cpu        # measure every op (resumable)
     python -m latency_lut validate --lut FILE --space SPACE.yaml         # fit the correction, report the error
+    python -m latency_lut measure model.onnx --device cpu                 # time a shipped file as deployed
 
     table = LatencyTable.load(path, expect=Settings(threads=1))          # refuses a table measured elsewhere
     table.predict(arch)                                                  # milliseconds
@@ -12,14 +13,33 @@ This package knows search_space and nothing above it (it never imports optuna or
 """
 
 from latency_lut.errors import CorruptTable, FingerprintMismatch, LutError, MissingEntry
-from latency_lut.fingerprint import Fingerprint, Settings, resolve_device
+from latency_lut.fingerprint import (
+    SHIPPED_FILES,
+    STATISTICS,
+    Fingerprint,
+    Settings,
+    default_runtime,
+    resolve_device,
+)
 from latency_lut.ops import OpSignature, arch_ops, enumerate_ops, probe_archs
 from latency_lut.profiler import default_out, profile
 from latency_lut.table import Contribution, Correction, Entry, LatencyTable
-from latency_lut.timing import Budget, Measurement, measure_model, measure_model_fresh
+from latency_lut.timing import (
+    FILE_BUDGET,
+    Budget,
+    Measurement,
+    measure_file,
+    measure_file_fresh,
+    measure_model,
+    measure_model_fresh,
+    runtime_of_file,
+)
 from latency_lut.validation import validate
 
 __all__ = [
+    "FILE_BUDGET",
+    "SHIPPED_FILES",
+    "STATISTICS",
     "Budget",
     "Contribution",
     "CorruptTable",
@@ -34,12 +54,16 @@ __all__ = [
     "OpSignature",
     "Settings",
     "arch_ops",
+    "default_runtime",
     "default_out",
     "enumerate_ops",
+    "measure_file",
+    "measure_file_fresh",
     "measure_model",
     "measure_model_fresh",
     "probe_archs",
     "profile",
     "resolve_device",
+    "runtime_of_file",
     "validate",
 ]

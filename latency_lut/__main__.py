@@ -1,8 +1,9 @@
-"""`python -m latency_lut {profile,validate,show}`: build, check and read latency tables.
+"""`python -m latency_lut {profile,validate,show,measure}`: build, check and read latency tables; time a model file.
 
     python -m latency_lut profile --space experiments/spaces/imagenet.yaml --device cpu [--threads 1] [--out FILE]
     python -m latency_lut validate --lut FILE --space experiments/spaces/imagenet.yaml [--n 50] [--seed 0]
     python -m latency_lut show --lut FILE [--space SPACE.yaml] [--arch CODE]
+    python -m latency_lut measure runs/.../winners/1-<arch>/model.onnx --device cpu [--json]
 
 Bad input (a missing or malformed space, an unknown or absent device, a dtype the device does not take, a table
 measured elsewhere, a corrupt table) ends with one `error: ...` line on stderr and exit code 2. An interrupted
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from latency_lut.fingerprint import DTYPES, MEMORY_FORMATS, RUNTIMES, Settings
+from latency_lut.fingerprint import DTYPES, MEMORY_FORMATS, RUNTIMES, STATISTICS, Settings, default_runtime
 from latency_lut.timing import Budget
 
 
@@ -48,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images per call (default 1)")
     p.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32 (cpu: not float16)")
-    p.add_argument("--runtime", default="eager", choices=RUNTIMES, help="default eager")
+    p.add_argument("--runtime", choices=RUNTIMES, help="default: onnxruntime on cpu, eager on cuda")
+    p.add_argument("--statistic", default="p50", choices=STATISTICS,
+                   help="what the table predicts of a network: a percentile over every call (default p50)")
     p.add_argument("--memory-format", default="contiguous", choices=MEMORY_FORMATS, help="eager only")
     p.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default 1000)")
     p.add_argument("--out", type=Path, help="table file (default luts/<space>-<device>-<runtime>-b<B>-t<T>-<dtype>"
@@ -74,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-mismatch", action="store_true", help="measure although the fingerprint differs")
     v.add_argument("--no-save", action="store_true", help="report only; leave the table's correction as it is")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    m = sub.add_parser("measure", help="time a model.onnx or model.pt2 as deployed, in a fresh process")
+    m.add_argument("file", type=Path, help="model.onnx (ONNX Runtime) or model.pt2 (torch.export, eager)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    m.add_argument("--runtime", choices=RUNTIMES, help="default: the file's (.onnx: onnxruntime, .pt2: eager)")
+    m.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads (default 1)")
+    m.add_argument("--batch-size", type=_positive_int, default=1, help="images per call (default 1)")
+    m.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
+    m.add_argument("--rounds", type=_positive_int, default=5, help="interleaved rounds (default 5)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    m.add_argument("--json", action="store_true", help="print the result as JSON")
 
     s = sub.add_parser("show", help="summarise a table; with --space its range, with --arch a breakdown")
     s.add_argument("--lut", required=True, type=Path, help="table file")
@@ -104,8 +118,9 @@ def _run(args: argparse.Namespace) -> int:
         from latency_lut.profiler import default_out, profile
 
         space = SearchSpace.from_yaml(args.space)
-        settings = Settings(runtime=args.runtime, batch_size=args.batch_size, threads=args.threads, dtype=args.dtype,
-                            memory_format=args.memory_format, num_classes=args.num_classes)
+        settings = Settings(runtime=args.runtime or default_runtime(args.device), batch_size=args.batch_size,
+                            threads=args.threads, dtype=args.dtype, memory_format=args.memory_format,
+                            num_classes=args.num_classes, statistic=args.statistic)
         budget = Budget(rounds=args.rounds, block_s=args.block_ms / 1e3)
         out = args.out or default_out(space, args.device, settings)
         table = profile(space, out, args.device, settings, method=args.method, budget=budget, group=args.group,
@@ -125,6 +140,9 @@ def _run(args: argparse.Namespace) -> int:
         _print_validation(report)
         return 0
 
+    if args.command == "measure":
+        return _measure(args)
+
     from latency_lut.ops import SpaceOps
     from latency_lut.table import LatencyTable
     from search_space import Arch
@@ -133,7 +151,8 @@ def _run(args: argparse.Namespace) -> int:
     fp = table.fingerprint
     c = table.correction
     print(f"{args.lut}: {len(table)} entries, {fp.device_kind} {fp.device_name!r}, {fp.runtime}, {fp.threads} "
-          f"thread(s), batch {fp.batch_size}, {fp.dtype}, {fp.memory_format}, torch {fp.torch_version}")
+          f"thread(s), batch {fp.batch_size}, {fp.dtype}, {fp.memory_format}, statistic {fp.statistic}, torch "
+          f"{fp.torch_version}")
     print(f"  method {table.info.get('method')}, spaces {table.info.get('spaces')}, complete "
           f"{table.info.get('complete')}, {table.info.get('profile_seconds', 0.0):.0f} s of profiling")
     print(f"  correction: scale {c.scale:.4f}, overhead {c.overhead_us:.1f} us, fitted on {c.fitted_on} archs")
@@ -149,6 +168,31 @@ def _run(args: argparse.Namespace) -> int:
         for part in table.breakdown(arch):
             print(f"  {part.name:<16} {part.ms:9.3f} ms  {part.op if part.op is not None else ''}")
         print(f"  {'total':<16} {table.predict(arch):9.3f} ms")
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    import json
+
+    from latency_lut.fingerprint import Fingerprint
+    from latency_lut.timing import FILE_BUDGET, measure_file_fresh, runtime_of_file
+
+    runtime = args.runtime or runtime_of_file(args.file)
+    settings = Settings(runtime=runtime, batch_size=args.batch_size, threads=args.threads, dtype=args.dtype)
+    budget = Budget(rounds=args.rounds, block_s=FILE_BUDGET.block_s, min_calls=FILE_BUDGET.min_calls,
+                    max_calls=FILE_BUDGET.max_calls, warmup=FILE_BUDGET.warmup)
+    m = measure_file_fresh(args.file, args.device, settings, budget, seed=args.seed)
+    result = {"file": str(args.file), "runtime": runtime, "device": args.device, "batch_size": args.batch_size,
+              "threads": args.threads, "dtype": args.dtype, **m.summary(),
+              "fingerprint": Fingerprint.machine(args.device, settings)}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        fp = result["fingerprint"]
+        print(f"{args.file}: {runtime} on {args.device} ({fp['device_name']}), batch {args.batch_size}, "
+              f"{args.threads} thread(s), {args.dtype}")
+        print(f"  p50 {m.p50_ms:.4f} ms  p90 {m.p90_ms:.4f} ms  p99 {m.p99_ms:.4f} ms  ({m.calls} calls in "
+              f"{len(m.round_medians_ms)} rounds; fastest round's median {m.best_round_ms:.4f} ms)")
     return 0
 
 

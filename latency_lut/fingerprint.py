@@ -15,7 +15,7 @@ from __future__ import annotations
 import platform
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,6 +23,18 @@ from latency_lut.errors import LutError
 from search_space.layout import Geometry
 
 RUNTIMES = ("eager", "onnxruntime")
+STATISTICS = ("p50", "p90", "p99")
+# The file a model ships as for each runtime, which is what a latency promise is checked on.
+SHIPPED_FILES = {"eager": "model.pt2", "onnxruntime": "model.onnx"}
+
+
+def default_runtime(device: str | torch.device) -> str:
+    """The runtime a device's models are deployed with unless one is named: ONNX Runtime on a CPU, eager on CUDA.
+
+    At batch 1 on a CPU, eager PyTorch spends most of a small network's time dispatching operators; ONNX Runtime
+    runs the same network about 10x faster, and that is the runtime `model.onnx` ships for.
+    """
+    return "onnxruntime" if str(device).strip().lower() == "cpu" else "eager"
 DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 
@@ -38,6 +50,8 @@ class Settings:
         dtype: "float32", "float16" or "bfloat16" (see the module docstring for what each device accepts).
         memory_format: "contiguous" (NCHW) or "channels_last" (eager only).
         num_classes: classifier outputs (part of the head op).
+        statistic: what a network's latency means: "p50", "p90" or "p99" over every call of a measurement. The
+            table's correction is fitted to it, and a budget promises it.
     """
 
     runtime: str = "eager"
@@ -46,8 +60,11 @@ class Settings:
     dtype: str = "float32"
     memory_format: str = "contiguous"
     num_classes: int = 1000
+    statistic: str = "p50"
 
     def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise LutError(f"statistic {self.statistic!r} is not one of {list(STATISTICS)}")
         if self.runtime not in RUNTIMES:
             raise LutError(f"runtime {self.runtime!r} is not one of {list(RUNTIMES)}")
         if self.dtype not in DTYPES:
@@ -140,6 +157,10 @@ class Fingerprint:
     in_channels: int
     stem_kind: str
     num_classes: int
+    statistic: str
+
+    # What identifies the machine and the measurement, without the model's input (`machine`).
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("input_size", "in_channels", "stem_kind", "num_classes")
 
     @classmethod
     def current(cls, device: str | torch.device, settings: Settings, geometry: Geometry) -> Fingerprint:
@@ -174,12 +195,22 @@ class Fingerprint:
             in_channels=geometry.in_channels,
             stem_kind=geometry.stem_kind,
             num_classes=settings.num_classes,
+            statistic=settings.statistic,
         )
+
+    @classmethod
+    def machine(cls, device: str | torch.device, settings: Settings) -> dict[str, Any]:
+        """What a measurement of any model depends on: device, software and settings (no input geometry).
+
+        Model cards and cached verdicts keep it; a verdict measured on another machine is measured again.
+        """
+        full = cls.current(device, settings, Geometry()).to_dict()
+        return {k: v for k, v in full.items() if k not in cls.MODEL_FIELDS}
 
     @property
     def settings(self) -> Settings:
         return Settings(runtime=self.runtime, batch_size=self.batch_size, threads=self.threads, dtype=self.dtype,
-                        memory_format=self.memory_format, num_classes=self.num_classes)
+                        memory_format=self.memory_format, num_classes=self.num_classes, statistic=self.statistic)
 
     def differences(self, other: Fingerprint) -> list[str]:
         """One `field: table X, now Y` string per field where `self` (the table) and `other` (now) differ."""
@@ -198,6 +229,8 @@ class Fingerprint:
         if not isinstance(data, dict):
             raise ValueError(f"fingerprint: expected a mapping, got {type(data).__name__}")
         names = {f.name: f.type for f in fields(cls)}
+        # Tables made before the statistic was a setting fitted their correction to the fastest round's median.
+        data = {"statistic": "best-round", **data}
         unknown, missing = set(data) - set(names), set(names) - set(data)
         if unknown or missing:
             raise ValueError(f"fingerprint: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")

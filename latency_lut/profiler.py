@@ -74,11 +74,11 @@ DEFAULT_BUDGET = Budget(rounds=5, block_s=0.03, min_calls=3, max_calls=50, warmu
 
 
 def default_out(space: SearchSpace, device: str | torch.device, settings: Settings) -> Path:
-    """luts/<space>-<device kind>-<runtime>-b<batch>-t<threads>-<dtype>[-cl].json"""
+    """luts/<space>-<device kind>-<runtime>-b<batch>-t<threads>-<dtype>[-cl]-<statistic>.json"""
     kind = resolve_device(device).type
     suffix = "-cl" if settings.memory_format == "channels_last" else ""
     return Path("luts") / (f"{space.name}-{kind}-{settings.runtime}-b{settings.batch_size}-t{settings.threads}-"
-                           f"{settings.dtype}{suffix}.json")
+                           f"{settings.dtype}{suffix}-{settings.statistic}.json")
 
 
 def default_method(settings: Settings) -> str:

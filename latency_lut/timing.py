@@ -1,11 +1,17 @@
-"""Timing on a shared, noisy machine: runners, interleaved rounds and one robust statistic used everywhere.
+"""Timing on a shared, noisy machine: runners, interleaved rounds, and the statistics of a measurement.
 
 Noise on a shared machine is one-sided (another process can only make a call slower) and comes in bursts. So
-every measurement here is taken in blocks: a block is a few consecutive calls of one thing, a round visits every
-thing once (in a shuffled order, so that a burst does not always hit the same one), and the estimate is the
-*median of the fastest round* (the lowest of the per-round block medians). Tables, end-to-end validation and
-`measure_model` all use this same statistic, so whatever bias it has is shared by what is predicted and what is
-measured.
+every measurement here is taken in blocks: a block is a few consecutive calls of one thing, and a round visits
+every thing once (in a shuffled order, so that a burst does not always hit the same one).
+
+Two statistics come out of that. An op's table entry is the *median of its fastest round* (the lowest of the
+per-round block medians): a burst falls on one round and is left out, so the entries are what the op costs on a
+quiet machine. A whole network's latency, what a budget promises, is a percentile over every call of every round
+(`Measurement.p50_ms`, `p90_ms`, `p99_ms`; `Settings.statistic` chooses), and a table's correction maps the sum of
+its entries to that percentile.
+
+Shipped files are measured as they are deployed (`measure_file`): `model.onnx` in ONNX Runtime, `model.pt2` as
+its torch.export module.
 
 On CUDA a call is timed with events around it and a synchronize after it (one request at a time, as inference
 serves it); on the CPU with `time.perf_counter_ns`.
@@ -33,7 +39,7 @@ import torch
 from torch import nn
 
 from latency_lut.errors import LutError
-from latency_lut.fingerprint import Settings, check_settings, resolve_device
+from latency_lut.fingerprint import SHIPPED_FILES, Settings, check_settings, resolve_device
 
 _perf_ns = time.perf_counter_ns
 
@@ -75,28 +81,54 @@ def summarize(blocks: Sequence[Sequence[float]]) -> Stats:
     )
 
 
+STATISTICS = ("p50", "p90", "p99")  # what a latency budget promises: a percentile over every call of a measurement
+
+
 @dataclass(frozen=True)
 class Measurement:
-    """End-to-end timing of one model (what `measure_model` returns), in milliseconds.
+    """End-to-end timing of one model (what `measure_model` and `measure_file` return), in milliseconds.
+
+    The percentiles are over every call of every round. `best_round_ms`, the median of the fastest round, is what
+    the tables' op entries use (a burst of other load falls on one round and is left out); a promise on a whole
+    network is one of the percentiles, chosen by `latency.statistic`.
 
     Attributes:
-        median_ms: the estimate: the median of the fastest round.
-        p10_ms: 10th percentile of every sample.
-        p90_ms: 90th percentile of every sample.
+        p50_ms: median of every call.
+        p90_ms: 90th percentile of every call.
+        p99_ms: 99th percentile of every call.
+        p10_ms: 10th percentile of every call.
+        best_round_ms: the median of the fastest round.
         samples_ms: every call's time, round by round.
         round_medians_ms: the median of each round, in order.
     """
 
-    median_ms: float
-    p10_ms: float
+    p50_ms: float
     p90_ms: float
+    p99_ms: float
+    p10_ms: float
+    best_round_ms: float
     samples_ms: tuple[float, ...]
     round_medians_ms: tuple[float, ...]
 
     @property
+    def calls(self) -> int:
+        return len(self.samples_ms)
+
+    @property
     def noise(self) -> float:
         """Relative round-to-round spread: median of the round medians over the fastest, minus 1."""
-        return float(np.median(self.round_medians_ms) / self.median_ms - 1.0)
+        return float(np.median(self.round_medians_ms) / self.best_round_ms - 1.0)
+
+    def value(self, statistic: str) -> float:
+        """The percentile `statistic` ("p50", "p90" or "p99") in milliseconds."""
+        if statistic not in STATISTICS:
+            raise LutError(f"statistic {statistic!r} is not one of {list(STATISTICS)}")
+        return float(getattr(self, f"{statistic}_ms"))
+
+    def summary(self) -> dict[str, float | int]:
+        """The statistics as plain data (no samples), for model cards and reports."""
+        return {"p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "p99_ms": self.p99_ms, "p10_ms": self.p10_ms,
+                "best_round_ms": self.best_round_ms, "calls": self.calls, "rounds": len(self.round_medians_ms)}
 
     @classmethod
     def from_blocks(cls, blocks: Sequence[Sequence[float]]) -> Measurement:
@@ -106,13 +138,9 @@ class Measurement:
             raise ValueError("no timings to summarize")
         medians = [float(np.median(r)) for r in rounds]
         samples = np.concatenate(rounds)
-        return cls(
-            median_ms=min(medians),
-            p10_ms=float(np.percentile(samples, 10)),
-            p90_ms=float(np.percentile(samples, 90)),
-            samples_ms=tuple(float(t) for t in samples),
-            round_medians_ms=tuple(medians),
-        )
+        p10, p50, p90, p99 = (float(v) for v in np.percentile(samples, [10, 50, 90, 99]))
+        return cls(p50_ms=p50, p90_ms=p90, p99_ms=p99, p10_ms=p10, best_round_ms=min(medians),
+                   samples_ms=tuple(float(t) for t in samples), round_medians_ms=tuple(medians))
 
 
 # ---- runners -----------------------------------------------------------------------------------------------------
@@ -411,12 +439,12 @@ def measure_model(model: nn.Module | str | Path, input_shape: Sequence[int], dev
         input_shape: (C, H, W), or (N, C, H, W) with N equal to `settings.batch_size`.
         device: "cpu", "cuda" or "cuda:N" (onnxruntime: cpu only).
         settings: runtime, threads, dtype, memory format, batch size.
-        repeats: rounds (the estimate is the median of the fastest round); overrides `budget.rounds`.
+        repeats: interleaved rounds; overrides `budget.rounds`.
         budget: calls per round and warm-up (default: blocks of at least 0.2 s, 3 to 50 calls).
         seed: seed of the random input.
 
     Returns:
-        the median of the fastest round, p10/p90 and every sample, in milliseconds.
+        the percentiles over every call, the fastest round's median and every sample, in milliseconds.
 
     Raises:
         LutError: bad settings for the device, a missing ONNX file, an input shape that disagrees with the batch.
@@ -439,17 +467,126 @@ def measure_model_fresh(model: nn.Module, input_shape: Sequence[int], device: st
 
     A process's past shows in its timings. On a 2-core CPU, a process that had just trained timed networks 1.26x
     slower (geometric mean, 1.02-1.42x) than a fresh one timed them in the same minutes, and releasing its freed
-    memory (`malloc_trim`) did not close the gap (benchmarks/bench_fresh.py). On an H200, a search process measured
-    candidates at about twice the table. So this sends `model` (on the CPU; the child moves it to `device`) to a
-    child forked from a server that has only imported torch: the fork costs milliseconds, and the server starts once
-    per process (`spawn` where there is no forkserver). Arguments and result are those of `measure_model`; its
-    errors are raised here.
+    memory (`malloc_trim`) did not close the gap (benchmarks/bench_fresh.py). So this sends `model` (on the CPU; the
+    child moves it to `device`) to a child forked from a server that has only imported torch: the fork costs
+    milliseconds, and the server starts once per process (`spawn` where there is no forkserver). Arguments and
+    result are those of `measure_model`; its errors are raised here.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise LutError("measure_model_fresh: send the model on the CPU; the child moves it to the device")
     with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_context()) as pool:
         return pool.submit(measure_model, model, tuple(input_shape), str(device), settings, repeats, budget,
                            seed).result()
+
+
+# ---- shipped files -----------------------------------------------------------------------------------------------
+
+# A measurement that decides whether a model ships: long enough blocks that p99 rests on a few hundred calls.
+FILE_BUDGET = Budget(rounds=5, block_s=0.2, min_calls=20, max_calls=200, warmup=10)
+
+
+def runtime_of_file(path: str | Path) -> str:
+    """The runtime that executes a shipped file, from its suffix (.onnx: onnxruntime, .pt2: eager)."""
+    suffix = Path(path).suffix
+    for runtime, name in SHIPPED_FILES.items():
+        if Path(name).suffix == suffix:
+            return runtime
+    raise LutError(f"{path}: not a shipped model file (expected one of {sorted(set(SHIPPED_FILES.values()))})")
+
+
+def file_input_shape(path: str | Path, settings: Settings) -> tuple[int, ...]:
+    """The (N, C, H, W) input a shipped file takes at `settings.batch_size`.
+
+    Raises:
+        LutError: no such file, a file the runtime does not run, or one whose input cannot take that batch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LutError(f"{path}: no such model file")
+    runtime = runtime_of_file(path)
+    if runtime != settings.runtime:
+        raise LutError(f"{path}: a {path.suffix} file runs in {runtime}, not in runtime {settings.runtime} "
+                       f"(the {settings.runtime} runtime measures {SHIPPED_FILES[settings.runtime]})")
+    if runtime == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise LutError("runtime onnxruntime is not installed (pip install onnxruntime, or the project's "
+                           "[export] extra)") from None
+        dims = list(ort_session(path, 1).get_inputs()[0].shape)
+        low, high = (settings.batch_size, settings.batch_size) if not isinstance(dims[0], int) else (dims[0],) * 2
+    else:
+        dims, low, high = _program_input(path)
+    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+        raise LutError(f"{path}: input shape {dims} is not (batch, channels, height, width)")
+    if isinstance(dims[0], int):
+        low = high = dims[0]
+    if not low <= settings.batch_size <= high:
+        fixed = f"batch {low}" if low == high else f"batches {low}-{high}"
+        raise LutError(f"{path}: takes {fixed}, not --batch-size {settings.batch_size}")
+    return (settings.batch_size, *dims[1:])
+
+
+def _program_input(path: Path) -> tuple[list[Any], int, int]:
+    """A torch.export program's input dims (a symbol for a dynamic batch) and its batch range."""
+    program = _load_program(path)
+    (node,) = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in
+               program.graph_signature.user_inputs]
+    shape = list(node.meta["val"].shape)
+    low, high = 1, 2**31
+    if not isinstance(shape[0], int):
+        symbol = shape[0].node.expr
+        bounds = program.range_constraints.get(symbol)
+        if bounds is not None:
+            low, high = int(bounds.lower), int(min(bounds.upper, 2**31))
+    return [d if isinstance(d, int) else str(d) for d in shape], low, high
+
+
+def _load_program(path: Path) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(str(path))
+    except Exception as e:  # torch raises several types for a file that is not a program
+        raise LutError(f"{path}: torch.export cannot load it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                       ) from None
+
+
+def file_runner(path: str | Path, device: torch.device, settings: Settings, seed: int = 0) -> Runner:
+    """A runner for a shipped file: model.onnx in ONNX Runtime, model.pt2 as its torch.export module."""
+    shape = file_input_shape(path, settings)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if settings.runtime == "onnxruntime":
+        return OrtRunner(path, x.numpy(), settings.threads)
+    module = _load_program(Path(path)).module()  # exported in eval mode; .eval() is not supported on it
+    fmt = settings.torch_memory_format
+    module.to(device=device, dtype=settings.torch_dtype)
+    x = x.to(device=device, dtype=settings.torch_dtype).contiguous(memory_format=fmt)
+    return EagerRunner(module, x)
+
+
+def measure_file(path: str | Path, device: str | torch.device, settings: Settings, budget: Budget = FILE_BUDGET,
+                 seed: int = 0) -> Measurement:
+    """Time a shipped file (model.onnx or model.pt2) the way it is deployed, in this process.
+
+    Raises:
+        LutError: a missing file, a file of another runtime, an input that cannot take the batch, bad settings.
+    """
+    dev = resolve_device(device)
+    check_settings(dev, settings)
+    pin_allocator()
+    with thread_count(settings.threads):
+        runner = file_runner(path, dev, settings, seed)
+        blocks = measure_interleaved([runner], budget, np.random.default_rng(seed))[0]
+    return Measurement.from_blocks(blocks)
+
+
+def measure_file_fresh(path: str | Path, device: str | torch.device, settings: Settings,
+                       budget: Budget = FILE_BUDGET, seed: int = 0) -> Measurement:
+    """`measure_file` in a fresh process (see `measure_model_fresh` for why); its errors are raised here."""
+    file_input_shape(path, settings)  # bad input is reported from here, before a process starts
+    with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_context()) as pool:
+        return pool.submit(measure_file, str(path), str(device), settings, budget, seed).result()
 
 
 def _fresh_context() -> multiprocessing.context.BaseContext:

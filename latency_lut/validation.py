@@ -1,14 +1,15 @@
 """Validation: measure sampled archs end to end, fit the table's correction, report the held-out error.
 
-The archs are timed with the table's own settings and statistic, in interleaved rounds (each round visits every
-arch once, in a new order), so a burst of machine noise spreads over many archs instead of masquerading as a
+The archs are timed with the table's own settings, in interleaved rounds (each round visits every arch once, in a
+new order), so a burst of machine noise spreads over many archs instead of masquerading as a
 prediction error for one. The noise itself is reported two ways: the round-to-round spread, and the
 *repeatability*, how far the estimate from the even rounds lies from the estimate from the odd rounds (the error
 floor no table can beat on this machine).
 
-The correction ``scale * sum + overhead`` is fitted on a calibration share of the archs by least squares on
-relative residuals (soft-L1 loss, robust to a stray measurement) and saved into the table; metrics are reported on
-the other, held-out archs, both before and after the correction.
+The correction ``scale * sum + overhead`` maps the sum of op entries to the table's statistic (``p50``, ``p90`` or
+``p99`` over every call of a measurement: `Settings.statistic`). It is fitted on a calibration share of the archs
+by least squares on relative residuals (soft-L1 loss, robust to a stray measurement) and saved into the table;
+metrics are reported on the other, held-out archs, both before and after the correction.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def validate(lut: str | Path, space: SearchSpace, n: int = 50, seed: int = 0, ca
     raw_us = table.predict_many(archs, corrected=False) * 1e3  # raises MissingEntry before any timing
 
     measured = measure_archs(space, archs, device, settings, budget, seed, progress)
-    measured_us = np.array([m.median_ms for m in measured]) * 1e3
+    measured_us = np.array([m.value(settings.statistic) for m in measured]) * 1e3  # what the table predicts
     spread = np.array([m.noise for m in measured])
     halves = np.array([_half_disagreement(m) for m in measured])
 
@@ -203,6 +204,7 @@ def validate(lut: str | Path, space: SearchSpace, n: int = 50, seed: int = 0, ca
         "fingerprint": table.fingerprint.to_dict(),
         "fingerprint_differences": differences,
         "n": len(archs),
+        "statistic": settings.statistic,
         "seed": seed,
         "budget": asdict(budget),
         "allocator": pin_allocator(),
@@ -223,8 +225,7 @@ def validate(lut: str | Path, space: SearchSpace, n: int = 50, seed: int = 0, ca
                 "measured_ms": float(measured_us[i] / 1e3),
                 "predicted_ms": float(corrected_us[i] / 1e3),
                 "uncorrected_ms": float(raw_us[i] / 1e3),
-                "p10_ms": measured[i].p10_ms,
-                "p90_ms": measured[i].p90_ms,
+                **{f"{k}_ms": measured[i].value(k) for k in ("p50", "p90", "p99")},
                 "round_spread": float(spread[i]),
                 "repeatability": float(halves[i]),
             }

@@ -170,9 +170,8 @@ def test_defaults_and_sections_for_other_engineers():
     assert SearchConfig() == SearchConfig(searcher="optuna", sampler="tpe", trials=30, objectives="single", top_k=2,
                                           workers=1)
     latency = LatencyConfig()
-    assert (latency.batch_size, latency.threads, latency.dtype, latency.runtime, latency.margin) == (
-        1, 1, "float32", "eager", 0.0
-    )
+    assert (latency.batch_size, latency.threads, latency.dtype, latency.runtime, latency.statistic,
+            latency.margin) == (1, 1, "float32", None, "p50", 0.0)
     cfg = ExperimentConfig(space=str(TINY_SPACE))
     assert cfg.device == "cpu" and cfg.seed == 0
     assert cfg.evaluate.bn_calibration_images == 2000

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -123,3 +124,49 @@ def test_real_exit_code_without_traceback(tmp_path: Path) -> None:
         assert done.returncode == 2
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
         assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory) -> Path:
+    """model.onnx and model.pt2 of a small fashion-space network, exported as search.py ships them, and an ONNX
+    file fixed at batch 1."""
+    from experiments.export import export_all
+    from latency_lut.timing import export_onnx
+
+    space = SearchSpace.from_yaml(Path(__file__).resolve().parents[2] / "experiments" / "spaces" / "fashion_mnist.yaml")
+    model = space.build(space.smallest(), num_classes=10)
+    folder = tmp_path_factory.mktemp("shipped")
+    export_all(model, folder)
+    (folder / "fixed.onnx").write_bytes(export_onnx(model, torch.randn(1, 1, 28, 28)))
+    return folder
+
+
+@pytest.mark.parametrize(("name", "runtime"), [("model.onnx", "onnxruntime"), ("model.pt2", "eager")])
+def test_measure_each_shipped_file(shipped: Path, capsys: pytest.CaptureFixture, name: str, runtime: str) -> None:
+    assert main(["measure", str(shipped / name), "--rounds", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runtime"] == runtime and result["calls"] >= 2 * 20
+    assert 0 < result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"]
+    assert result["fingerprint"]["device_kind"] == "cpu" and result["fingerprint"]["runtime"] == runtime
+    assert main(["measure", str(shipped / name), "--rounds", "1", "--batch-size", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 3" in out and "p99" in out
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["absent.onnx"], "no such model file"),
+    (["model.pt2", "--runtime", "onnxruntime"], "runs in eager, not in runtime onnxruntime"),
+    (["model.onnx", "--runtime", "eager"], "runs in onnxruntime, not in runtime eager"),
+    (["fixed.onnx", "--batch-size", "4"], "takes batch 1, not --batch-size 4"),
+    (["arch.yaml"], "not a shipped model file"),
+])
+def test_measure_bad_input(shipped: Path, capsys: pytest.CaptureFixture, args: list[str], needle: str) -> None:
+    assert main(["measure", str(shipped / args[0]), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+
+
+def test_measure_without_onnxruntime(shipped: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["measure", str(shipped / "model.onnx")]) == 2
+    assert "onnxruntime is not installed" in capsys.readouterr().err

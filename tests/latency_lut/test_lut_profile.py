@@ -155,9 +155,13 @@ def test_measure_model_eager_and_onnxruntime(tmp_path: Path, tiny_space: SearchS
     budget = Budget(rounds=3, block_s=0.0, min_calls=4, max_calls=4, warmup=1)
     eager = measure_model(net, (1, 16, 16), "cpu", Settings(num_classes=10), repeats=3, budget=budget)
     assert len(eager.samples_ms) == 12 and len(eager.round_medians_ms) == 3
-    assert eager.median_ms == min(eager.round_medians_ms)
-    assert min(eager.samples_ms) <= eager.median_ms <= max(eager.samples_ms)
-    assert eager.p10_ms <= eager.p90_ms and eager.noise >= 0
+    assert eager.best_round_ms == min(eager.round_medians_ms) and eager.calls == 12
+    low, high = min(eager.samples_ms), max(eager.samples_ms)
+    assert low <= eager.p10_ms <= eager.p50_ms <= eager.p90_ms <= eager.p99_ms <= high
+    assert eager.p50_ms == pytest.approx(float(np.median(eager.samples_ms))) and eager.noise >= 0
+    assert eager.value("p90") == eager.p90_ms
+    with pytest.raises(LutError, match="statistic"):
+        eager.value("p75")
 
     ort_settings = Settings(runtime="onnxruntime", num_classes=10)
     from_module = measure_model(net, (2, 1, 16, 16), "cpu", dataclasses.replace(ort_settings, batch_size=2),
@@ -166,7 +170,7 @@ def test_measure_model_eager_and_onnxruntime(tmp_path: Path, tiny_space: SearchS
     path = tmp_path / "net.onnx"
     path.write_bytes(export_onnx(net, torch.randn(1, 1, 16, 16)))
     from_file = measure_model(path, (1, 16, 16), "cpu", ort_settings, repeats=2, budget=budget)
-    assert from_file.median_ms > 0
+    assert from_file.p50_ms > 0
     with pytest.raises(LutError, match="no such ONNX file"):
         measure_model(tmp_path / "absent.onnx", (1, 16, 16), "cpu", ort_settings)
     with pytest.raises(LutError, match="input shape"):
@@ -190,11 +194,11 @@ def test_measure_model_fresh_times_in_another_process(tiny_space: SearchSpace) -
     budget = Budget(rounds=3, block_s=0.0, min_calls=4, max_calls=4, warmup=1)
     settings = Settings(num_classes=10)
     fresh = measure_model_fresh(_NotIn(), (1, 4, 4), "cpu", settings, repeats=3, budget=budget)
-    assert len(fresh.samples_ms) == 12 and fresh.median_ms == min(fresh.round_medians_ms) > 0
+    assert len(fresh.samples_ms) == 12 and fresh.best_round_ms == min(fresh.round_medians_ms) > 0
     with pytest.raises(RuntimeError, match="ran in the process that made it"):
         measure_model(_NotIn(), (1, 4, 4), "cpu", settings, repeats=1, budget=budget)
     net = tiny_space.build(tiny_space.largest(), num_classes=10)
-    assert measure_model_fresh(net, (1, 16, 16), "cpu", settings, repeats=2, budget=budget).median_ms > 0
+    assert measure_model_fresh(net, (1, 16, 16), "cpu", settings, repeats=2, budget=budget).p50_ms > 0
     with pytest.raises(LutError, match="input shape"):  # the child's errors are raised here
         measure_model_fresh(net, (3, 1, 16, 16), "cpu", settings)
 
@@ -251,7 +255,7 @@ def test_cuda_profile_and_measure(tmp_path: Path, tiny_space: SearchSpace, tiny_
     net = tiny_space.build(tiny_space.largest(), num_classes=10)
     m = measure_model(net, (1, 16, 16), "cuda:0", settings, repeats=2,
                       budget=Budget(rounds=2, block_s=0.0, min_calls=3, max_calls=3, warmup=2))
-    assert len(m.samples_ms) == 6 and m.median_ms > 0
+    assert len(m.samples_ms) == 6 and m.p50_ms > 0
     assert next(net.parameters()).dtype == getattr(torch, dtype)
 
 
