@@ -342,7 +342,8 @@ def check_run_dir(run: Run) -> None:
     identity = {
         "config": Path(cfg.source).name,
         "preset": cfg.preset,
-        "fingerprint": fingerprint({**cfg.to_dict(), "source": None, "search": None}),
+        # Where the data lies, and how many workers decode it, do not make another experiment.
+        "fingerprint": fingerprint({**cfg.to_dict(), "source": None, "search": None, "data": cfg.data.identity()}),
         "search": {k: v for k, v in cfg.search.__dict__.items() if k not in ("trials", "top_k")},
         "targets": run.job.target_text,
         "device": run.device,

@@ -390,8 +390,7 @@ class RankingStudy:
 
     def score(self, entry: dict, evaluator: Evaluator, arch: Arch) -> dict:
         """Score `arch` into the supernet's cache `entry` and save it."""
-        evaluator.evaluate(arch)
-        record = evaluator.last
+        record = evaluator.score(arch)
         entry["scores"][arch.encode()] = {"val": record.accuracy, "loss": record.loss, "seconds": record.seconds}
         self.cache.save()
         return entry["scores"][arch.encode()]

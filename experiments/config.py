@@ -227,6 +227,8 @@ class ExperimentConfig:
             raise ValueError(f"seed: expected an integer >= 0, got {self.seed}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.data.decoder != "pil" and self.device == "cpu":
+            raise ValueError(f"data.decoder: {self.data.decoder!r} decodes on a CUDA device, but device is 'cpu'")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON friendly), the sections as the file spells them."""

@@ -9,19 +9,34 @@ flips) comes from ``torch.Generator`` objects seeded from ``(seed, epoch)``, so 
 bit-identical batches.
 
 Small data sets are held in memory as uint8 tensors and batches are cut by tensor indexing; augmentation is applied
-to the whole uint8 batch at once. ImageFolder trees (ImageNet layout) are decoded lazily, one image at a time.
+to the whole uint8 batch at once. ImageFolder trees (ImageNet layout) are decoded by a pool of worker processes (a
+``torch.utils.data.DataLoader`` with persistent workers, prefetching and, for CUDA, pinned memory), or on the GPU with
+``torchvision.io.decode_jpeg`` (``data.decoder: torchvision``). Their training augmentation is the standard
+RandomResizedCrop (scale 0.08-1, aspect ratio 3/4-4/3) plus a horizontal flip; each image's crop and flip are a pure
+function of ``(seed, epoch, index)``, so the batches do not depend on how many processes decode them.
+:func:`cache_decoded` decodes a fixed set of images once (the evaluator's calibration and validation images) into a
+uint8 tensor held in memory or in a memory-mapped file, so that scoring many candidates decodes nothing again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gzip
+import hashlib
+import importlib.util
+import json
 import math
 import os
 import pickle
+import tempfile
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +59,17 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
+DECODERS = ("pil", "torchvision")  # ImageFolder decoding: Pillow in worker processes, or nvJPEG on the CUDA device
+EVAL_CACHES = ("auto", "memory", "file", "off")
+RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop: share of the image's area the crop covers (Inception, torchvision)
+RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop: crop width / height, drawn log-uniformly
+
 _IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only one Fashion-MNIST uses
 _DEFAULT_IMAGEFOLDER_SIZE = 224
+_MAX_DEFAULT_WORKERS = 16  # beyond this, decoding outruns one GPU and the processes only cost memory
+_PREFETCH_BATCHES = 4  # batches each decoding worker keeps ready
+_MEMORY_CACHE_BYTES = 2 << 30  # eval_cache auto: decoded images up to this size stay in memory, larger go to a file
+_CACHE_FORMAT = 1  # bump when the decoding changes, so old cache files are not read
 _SYNTHETIC_SIDE = 28
 _SYNTHETIC_CLASSES = 10
 
@@ -62,16 +86,32 @@ class DataConfig:
             split has ``synthetic_size // 4`` images.
         image_size: ImageFolder: side length images are resized and cropped to (default 224). The other data sets
             are used at their native size; setting it to anything else is an error.
-        augment: Whether training batches get a random padded crop and (where it keeps the label) a horizontal flip.
+        augment: Whether training batches are augmented: ImageFolder data gets RandomResizedCrop and a horizontal flip;
+            the small data sets a random padded crop and (where it keeps the label) a horizontal flip.
         synthetic_size: ``synthetic`` only: number of training images; validation and test have a quarter as many.
+        workers: ImageFolder only: decoding processes per training process. ``None`` picks :func:`default_workers`
+            (the cores this process may use, shared among torchrun's local processes); 0 decodes in the calling
+            process.
+        decoder: ImageFolder only: ``"pil"`` (Pillow, in the workers) or ``"torchvision"`` (JPEGs decoded on the CUDA
+            device by ``torchvision.io.decode_jpeg``; needs torchvision and a CUDA device).
+        eval_cache: ImageFolder only: where the evaluator keeps its calibration and validation images, decoded once:
+            ``"memory"``, ``"file"`` (a memory-mapped uint8 file under ``cache_dir``, shared by processes that score
+            the same images), ``"auto"`` (memory up to 2 GiB, else a file) or ``"off"`` (decoded again for every
+            candidate).
+        cache_dir: Folder for ``eval_cache`` files; ``None`` means a ``shufflenas`` folder in the system's temporary
+            folder.
     """
 
     name: str = "fashion_mnist"  # one of DATASETS
     root: str | None = None  # directory with the files; None -> DEFAULT_FASHION_MNIST for fashion_mnist
     val_size: int = 5000  # images held out of the training split for validation (the search's score)
     image_size: int | None = None  # imagefolder: side in pixels (default 224); others: native size only
-    augment: bool = True  # random crop with padding (+ horizontal flip where it keeps the label) when training
+    augment: bool = True  # training: imagefolder RandomResizedCrop + flip; others a padded random crop (+ flip)
     synthetic_size: int = 512  # synthetic only: training images; val = test = synthetic_size // 4
+    workers: int | None = None  # imagefolder: decoding processes; None = the cores available (<= 16); 0 = in-process
+    decoder: str = "pil"  # imagefolder: "pil" (CPU workers) or "torchvision" (nvJPEG on the CUDA device)
+    eval_cache: str = "auto"  # imagefolder: decoded scoring images kept in "memory", a "file", "auto" or "off"
+    cache_dir: str | None = None  # imagefolder: folder of eval_cache files; None = <temp dir>/shufflenas
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
@@ -89,6 +129,35 @@ class DataConfig:
         if not _is_int(self.synthetic_size) or self.synthetic_size < 4:
             # a quarter of it is the validation split, which must not be empty
             raise ValueError(f"data.synthetic_size: expected an integer >= 4, got {self.synthetic_size!r}")
+        if self.workers is not None and (not _is_int(self.workers) or self.workers < 0):
+            raise ValueError(f"data.workers: expected None or an integer >= 0, got {self.workers!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"data.decoder: expected one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.decoder == "torchvision" and importlib.util.find_spec("torchvision") is None:
+            raise ValueError(
+                "data.decoder: 'torchvision' decodes JPEGs on the GPU with torchvision.io.decode_jpeg, but torchvision "
+                f"is not installed (install the build that matches torch {torch.__version__}), or use decoder: pil"
+            )
+        if self.eval_cache not in EVAL_CACHES:
+            raise ValueError(f"data.eval_cache: expected one of {', '.join(EVAL_CACHES)}, got {self.eval_cache!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ValueError(f"data.cache_dir: expected a directory path string or None, got {self.cache_dir!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """The keys that decide which images a model sees, for run-directory checks: not where the files are, how
+        many processes decode them or where decoded copies are kept. The default decoder is left out, so runs made
+        before the decoder could be chosen keep their identity."""
+        skip = {"root", "workers", "eval_cache", "cache_dir"} | ({"decoder"} if self.decoder == "pil" else set())
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def default_workers() -> int:
+    """Decoding processes for one training process: the cores it may use, shared among the processes torchrun
+    starts on this machine (``LOCAL_WORLD_SIZE``), between 1 and 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, min(_MAX_DEFAULT_WORKERS, cores // processes))
 
 
 class ImageDataset(Dataset, ABC):
@@ -194,10 +263,12 @@ class TensorImageDataset(ImageDataset):
 
 @dataclass(frozen=True, eq=False)
 class ImageFolderDataset(ImageDataset):
-    """Image files decoded on demand with Pillow (ImageNet-style data that does not fit in memory).
+    """Image files decoded on demand (ImageNet-style data that does not fit in memory).
 
-    Evaluation resizes the shorter side to ``image_size * 256 / 224`` and takes the centre crop; training takes a
-    random crop of the same resized image and flips it half the time (a cheap stand-in for RandomResizedCrop).
+    Evaluation resizes the shorter side to ``image_size * 256 / 224`` and takes the centre crop. Training takes a
+    RandomResizedCrop (:func:`random_resized_crop_box`) resized to ``image_size`` and mirrors it half the time; the
+    crop and the flip of image ``i`` come from a generator seeded with ``(seed, epoch, i)`` alone. :meth:`batches`
+    decodes in ``workers`` persistent worker processes (or on the GPU, ``decoder="torchvision"``).
     """
 
     samples: tuple[tuple[str, int], ...]  # (file path, class index)
@@ -205,10 +276,20 @@ class ImageFolderDataset(ImageDataset):
     image_size: int
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    workers: int = 0  # decoding processes; 0 decodes in the calling process
+    decoder: str = "pil"  # one of DECODERS
+    eval_cache: str = "auto"  # one of EVAL_CACHES: how cache_decoded keeps images decoded once
+    cache_dir: str | None = None  # where eval_cache files go; None = <temp dir>/shufflenas
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
             raise ValueError(f"image_size: expected >= 8, got {self.image_size}")
+        if not _is_int(self.workers) or self.workers < 0:
+            raise ValueError(f"workers: expected an integer >= 0, got {self.workers!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder: expected one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.eval_cache not in EVAL_CACHES:
+            raise ValueError(f"eval_cache: expected one of {', '.join(EVAL_CACHES)}, got {self.eval_cache!r}")
 
     @property
     def num_classes(self) -> int:
@@ -224,45 +305,321 @@ class ImageFolderDataset(ImageDataset):
     def load(
         self, indices: torch.Tensor, *, augment: bool, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # One image at a time in the calling process: fine for small trees and tests. A real ImageNet run wants
-        # several decoding workers (e.g. a torch DataLoader over this data set's __getitem__, or DALI).
-        images = [self._decode(self.samples[i][0], augment, generator) for i in indices.tolist()]
-        labels = torch.tensor([self.samples[i][1] for i in indices.tolist()], dtype=torch.int64)
-        if not images:
-            return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8), labels
-        return torch.stack(images), labels
+        # Direct use, in this process: the crops are keyed by one draw from `generator` and the image index.
+        # Loaders go through `batches`, keyed by (seed, epoch, index) and decoded in the workers.
+        key = int(torch.randint(0, 2**62, (1,), generator=generator)) if augment else 0
+        return self._fetch_pixels((key, 0, augment, tuple(indices.tolist())))
+
+    def batches(
+        self, batches: Sequence[torch.Tensor], *, augment: bool, seed: int, epoch: int,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decodes ``batches`` (int64 index tensors) in order: uint8 ``(B, 3, S, S)`` images and int64 labels.
+
+        With ``workers > 0`` the decoding runs ahead in this data set's persistent worker processes. With the
+        ``torchvision`` decoder the workers only read the files and the images come back on ``device`` (CUDA).
+        """
+        device = torch.device(device)
+        gpu = self.decoder != "pil"
+        if gpu and device.type != "cuda":
+            raise ValueError(f"data.decoder: {self.decoder!r} decodes on a CUDA device, but the data goes to {device}")
+        keys = [(seed, epoch, augment, tuple(b.tolist())) for b in batches]
+        if not keys:
+            return
+        if self.workers == 0:
+            fetched: Iterator[Any] = (self._fetch(key, gpu) for key in keys)
+            yield from (self._finish(item, key, gpu, device) for item, key in zip(fetched, keys, strict=True))
+            return
+        with _worker_pool(self, gpu=gpu, pin=device.type == "cuda" and not gpu) as loader:
+            loader.sampler.keys = keys
+            for item, key in zip(loader, keys, strict=True):
+                yield self._finish(item, key, gpu, device)
 
     def subset(self, indices: np.ndarray) -> ImageFolderDataset:
-        return ImageFolderDataset(
-            samples=tuple(self.samples[int(i)] for i in indices),
-            classes=self.classes,
-            image_size=self.image_size,
-            mean=self.mean,
-            std=self.std,
-        )
+        return dataclasses.replace(self, samples=tuple(self.samples[int(i)] for i in indices))
 
-    def _decode(self, path: str, augment: bool, generator: torch.Generator) -> torch.Tensor:
+    # -- what a worker runs ----------------------------------------------------------------------------------------
+
+    def _fetch(self, key: tuple[int, int, bool, tuple[int, ...]], gpu: bool) -> Any:
+        return self._fetch_bytes(key) if gpu else self._fetch_pixels(key)
+
+    def _fetch_pixels(self, key: tuple[int, int, bool, tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        seed, epoch, augment, indices = key
+        labels = torch.tensor([self.samples[i][1] for i in indices], dtype=torch.int64)
+        if not indices:
+            return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8), labels
+        pixels = np.stack([self._decode(i, augment, seed, epoch) for i in indices])  # (B, S, S, 3)
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels
+
+    def _fetch_bytes(self, key: tuple[int, int, bool, tuple[int, ...]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        indices = key[3]
+        files = [torch.frombuffer(bytearray(Path(self.samples[i][0]).read_bytes()), dtype=torch.uint8) for i in indices]
+        return files, torch.tensor([self.samples[i][1] for i in indices], dtype=torch.int64)
+
+    def _decode(self, index: int, augment: bool, seed: int, epoch: int) -> np.ndarray:
+        """Image ``index`` decoded with Pillow and transformed: uint8 ``(S, S, 3)``."""
         from PIL import Image
 
         size = self.image_size
-        resize = int(size * 256 / 224)
-        with Image.open(path) as image:
+        with Image.open(self.samples[index][0]) as image:
+            width, height = image.size
+            if augment:
+                rng = _image_rng(seed, epoch, index)
+                left, top, w, h = random_resized_crop_box(width, height, rng)
+                flip = bool(rng.random() < 0.5)
+                # JPEG: decode at the smallest scale (1/2, 1/4, 1/8) that still leaves the crop >= size pixels.
+                image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
+                fx, fy = image.size[0] / width, image.size[1] / height
+                box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+                out = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, box=box)
+                if flip:
+                    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                return np.asarray(out, dtype=np.uint8)
+            resize = int(size * 256 / 224)
             image.draft("RGB", (resize, resize))  # JPEG: decode at a reduced scale that still covers `resize`
             image = image.convert("RGB")
             width, height = image.size
             scale = resize / min(width, height)
             width, height = max(size, round(width * scale)), max(size, round(height * scale))
             image = image.resize((width, height), Image.Resampling.BILINEAR)
-        if augment:
-            left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
-            top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
-            flip = bool(torch.rand(1, generator=generator) < 0.5)
-        else:
-            left, top, flip = (width - size) // 2, (height - size) // 2, False
-        image = image.crop((left, top, left + size, top + size))
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        left, top = (width - size) // 2, (height - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+    # -- what the calling process runs -----------------------------------------------------------------------------
+
+    def _finish(
+        self, item: Any, key: tuple[int, int, bool, tuple[int, ...]], gpu: bool, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not gpu:
+            return item
+        files, labels = item
+        seed, epoch, augment, indices = key
+        return self._decode_on_device(files, indices, augment, seed, epoch, device), labels
+
+    def _decode_on_device(
+        self, files: list[torch.Tensor], indices: Sequence[int], augment: bool, seed: int, epoch: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """JPEG bytes decoded on the GPU in one batched call, then cropped and resized there (the same crop boxes as
+        the Pillow path; the resampling differs in rounding). Files that are not JPEGs are decoded with Pillow."""
+        size = self.image_size
+        jpeg = [k for k, data in enumerate(files) if len(data) > 2 and data[0] == 0xFF and data[1] == 0xD8]
+        on_device = dict(zip(jpeg, _gpu_decode_jpeg([files[k] for k in jpeg], device), strict=True))
+        out = []
+        for k, index in enumerate(indices):
+            image = on_device.get(k)
+            if image is None:
+                from PIL import Image
+
+                with Image.open(self.samples[index][0]) as other:
+                    pixels = np.array(other.convert("RGB"), dtype=np.uint8)
+                image = torch.from_numpy(pixels).permute(2, 0, 1).to(device)
+            _, height, width = image.shape
+            if augment:
+                rng = _image_rng(seed, epoch, index)
+                left, top, w, h = random_resized_crop_box(width, height, rng)
+                crop = _resize_uint8(image[:, top : top + h, left : left + w], size, size)
+                out.append(crop.flip(-1) if rng.random() < 0.5 else crop)
+            else:
+                scale = int(size * 256 / 224) / min(width, height)
+                width, height = max(size, round(width * scale)), max(size, round(height * scale))
+                resized = _resize_uint8(image, height, width)
+                top, left = (height - size) // 2, (width - size) // 2
+                out.append(resized[:, top : top + size, left : left + size])
+        return torch.stack(out)
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
+) -> tuple[int, int, int, int]:
+    """The crop of RandomResizedCrop (Szegedy et al. 2015; torchvision's ``RandomResizedCrop.get_params``).
+
+    Up to ten draws of an area share from ``U(scale)`` and an aspect ratio (width / height) from a log-uniform
+    ``ratio`` range; the first crop that fits inside the image is placed uniformly at random. When none fits (very
+    elongated images) the centre crop with the aspect ratio clamped into ``ratio`` is taken.
+
+    Args:
+        width: Image width in pixels.
+        height: Image height in pixels.
+        rng: The only source of randomness.
+        scale: Range of the crop's area as a share of the image's.
+        ratio: Range of the crop's width / height.
+
+    Returns:
+        ``(left, top, crop_width, crop_height)`` in pixels.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one image's augmentation in one epoch: the same whichever process decodes it."""
+    return np.random.default_rng([seed, epoch, index, 0x11A6E])
+
+
+def _gpu_decode_jpeg(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes (uint8 CPU tensors) to RGB uint8 ``(3, H, W)`` tensors on ``device``, in one nvJPEG batch."""
+    if not files:
+        return []
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
+
+
+def _resize_uint8(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of a uint8 ``(C, H, W)`` tensor, where it lives."""
+    resized = torch.nn.functional.interpolate(
+        image.unsqueeze(0).float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True
+    )
+    return resized.round_().clamp_(0, 255).to(torch.uint8)[0]
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The batches of the coming pass, set by the caller before each pass (the sampler runs in the calling process
+    and sends each key to a worker; the workers themselves persist from pass to pass)."""
+
+    def __init__(self) -> None:
+        self.keys: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _DecodeSource(torch.utils.data.Dataset):
+    """What each decoding worker holds: the data set; item ``key`` is one decoded batch (or its files' bytes)."""
+
+    def __init__(self, dataset: ImageFolderDataset, gpu: bool) -> None:
+        self.dataset, self.gpu = dataset, gpu
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.dataset._fetch(key, self.gpu)
+
+
+def _init_worker(_: int) -> None:
+    torch.set_num_threads(1)  # one decoding process per core: intra-op threads would only contend
+
+
+_POOLS: OrderedDict[tuple[int, bool, bool], list[torch.utils.data.DataLoader]] = OrderedDict()
+_POOLS_LOCK = threading.Lock()
+_MAX_POOLS = 4  # idle worker pools kept (train, val, calibration, test of one run)
+
+
+@contextlib.contextmanager
+def _worker_pool(dataset: ImageFolderDataset, *, gpu: bool, pin: bool) -> Iterator[torch.utils.data.DataLoader]:
+    """Lends one persistent-worker DataLoader of ``dataset``; a pass that is still running elsewhere (another
+    thread) gets its own. Idle pools are kept for the next pass (the next epoch) and the oldest are shut down."""
+    key = (id(dataset), gpu, pin)  # the pool holds the data set, so its id is not reused while the pool lives
+    with _POOLS_LOCK:
+        idle = _POOLS.get(key)
+        loader = idle.pop() if idle else None
+    if loader is None:
+        loader = torch.utils.data.DataLoader(
+            _DecodeSource(dataset, gpu), batch_size=None, sampler=_Keys(), num_workers=dataset.workers,
+            pin_memory=pin, persistent_workers=True, prefetch_factor=_PREFETCH_BATCHES, worker_init_fn=_init_worker,
+        )
+    try:
+        yield loader
+    finally:
+        with _POOLS_LOCK:
+            _POOLS.setdefault(key, []).append(loader)
+            _POOLS.move_to_end(key)
+            while sum(len(pools) for pools in _POOLS.values()) > _MAX_POOLS:
+                oldest = next(iter(_POOLS))
+                _POOLS[oldest].pop(0)
+                if not _POOLS[oldest]:
+                    del _POOLS[oldest]
+
+
+def cache_decoded(
+    dataset: ImageDataset, indices: np.ndarray | torch.Tensor, *, batch_size: int = 256,
+    device: str | torch.device = "cpu", what: str = "images",
+) -> ImageDataset:
+    """The images at ``indices``, un-augmented, decoded once into uint8 (for data sets scored again and again).
+
+    In-memory data sets are simply subset. ImageFolder data is decoded (by its workers) into a uint8 tensor held in
+    memory or in a memory-mapped file under its ``cache_dir``, per its ``eval_cache`` setting; the file is named by a
+    hash of the files (paths, sizes, modification times) and the decoding settings, so other processes scoring the
+    same images, and reruns, read it instead of decoding. ``eval_cache: off`` returns the subset undecoded.
+
+    Args:
+        dataset: A split from :func:`load_splits`.
+        indices: Positions into ``dataset``, in the order wanted.
+        batch_size: Images decoded per batch.
+        device: Where the GPU decoder runs (``decoder: torchvision``); the cache itself is on the CPU.
+        what: Names the images in the progress bar.
+
+    Returns:
+        A data set of ``len(indices)`` images whose un-augmented batches equal those of the subset.
+    """
+    subset = dataset.subset(np.asarray(indices, dtype=np.int64))
+    if not isinstance(subset, ImageFolderDataset) or subset.eval_cache == "off" or len(subset) == 0:
+        return subset
+    shape = (len(subset), 3, subset.image_size, subset.image_size)
+    mode = subset.eval_cache
+    if mode == "auto":
+        mode = "memory" if math.prod(shape) <= _MEMORY_CACHE_BYTES else "file"
+    labels = torch.tensor([label for _, label in subset.samples], dtype=torch.int64)
+    loader = make_loader(subset, batch_size=batch_size, shuffle=False, augment=False, seed=0, device=device)
+    from tqdm.auto import tqdm
+
+    def decoded() -> Iterator[torch.Tensor]:
+        with tqdm(total=len(subset), desc=f"decoding {what}", unit="img", leave=False) as bar:
+            for images, _ in loader.uint8_batches():
+                bar.update(len(images))
+                yield images.cpu()
+
+    if mode == "memory":
+        images = torch.empty(shape, dtype=torch.uint8)
+        start = 0
+        for batch in decoded():
+            images[start : start + len(batch)] = batch
+            start += len(batch)
+    else:
+        path = _cache_path(subset)
+        if not path.is_file() or path.stat().st_size != math.prod(shape):
+            from search_space.files import atomic_write
+
+            # Streamed to a temporary file and renamed: a crash leaves no half-written cache for the next run.
+            atomic_write(path, lambda f: [f.write(batch.numpy().tobytes()) for batch in decoded()], mode="wb")
+        # Copy-on-write mapping: pages are read from the file as needed and shared between processes.
+        images = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=shape))
+    return TensorImageDataset(
+        images=images, labels=labels, num_classes=subset.num_classes, mean=subset.mean, std=subset.std, pad=0,
+        flip=False,
+    )
+
+
+def _cache_path(dataset: ImageFolderDataset) -> Path:
+    """The cache file of ``dataset``'s decoded images, named by what determines them."""
+    files = []
+    for path, label in dataset.samples:
+        stat = os.stat(path)
+        files.append((path, label, stat.st_size, stat.st_mtime_ns))
+    identity = {"format": _CACHE_FORMAT, "size": dataset.image_size, "decoder": dataset.decoder, "files": files}
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:20]
+    folder = Path(dataset.cache_dir) if dataset.cache_dir else Path(tempfile.gettempdir()) / "shufflenas"
+    return folder / f"decoded-{len(dataset)}x{dataset.image_size}-{digest}.u8"
 
 
 @dataclass(frozen=True)
@@ -321,7 +678,7 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
     elif config.name in ("cifar10", "cifar100"):
         train, test, classes = _load_cifar(config.name, Path(_required_root(config)))
     elif config.name == "imagefolder":
-        train, test = _load_imagefolder(Path(_required_root(config)), config.image_size or _DEFAULT_IMAGEFOLDER_SIZE)
+        train, test = _load_imagefolder(Path(_required_root(config)), config)
         classes = train.classes
     else:
         val_size = config.synthetic_size // 4
@@ -429,19 +786,30 @@ class Loader:
         return order[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self.indices()
-        # Each rank crops and flips its own images differently; all of it reproducible from (seed, epoch, rank).
-        generator = _generator(self.seed, self.epoch, 1, self.rank)
         channels = self.dataset.in_channels
         std = torch.tensor(self.dataset.std, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
         mean = torch.tensor(self.dataset.mean, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
         scale, shift = 1.0 / (255.0 * std), mean / std  # (x / 255 - mean) / std in one multiply-add
-        for b in range(len(self)):
-            batch = indices[b * self.batch_size : (b + 1) * self.batch_size]
-            images, labels = self.dataset.load(batch, augment=self.augment, generator=generator)
+        for images, labels in self.uint8_batches():
             # uint8 crosses to the device (a quarter of the bytes of float32); the arithmetic happens there.
             images = images.to(self.device, non_blocking=True).float().mul_(scale).sub_(shift)
             yield images, labels.to(self.device, non_blocking=True)
+
+    def uint8_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches before normalisation: uint8 ``(B, C, H, W)`` images and int64 labels, on the CPU (on the
+        device with a GPU decoder)."""
+        indices = self.indices()
+        batches = [indices[b * self.batch_size : (b + 1) * self.batch_size] for b in range(len(self))]
+        if isinstance(self.dataset, ImageFolderDataset):
+            # Decoded in worker processes; each image's crop is keyed by (seed, epoch, index), not by the order.
+            yield from self.dataset.batches(
+                batches, augment=self.augment, seed=self.seed, epoch=self.epoch, device=self.device
+            )
+            return
+        # Each rank crops and flips its own images differently; all of it reproducible from (seed, epoch, rank).
+        generator = _generator(self.seed, self.epoch, 1, self.rank)
+        for batch in batches:
+            yield self.dataset.load(batch, augment=self.augment, generator=generator)
 
     def _shard_size(self) -> int:
         n = len(self.dataset) if self.limit is None else min(self.limit, len(self.dataset))
@@ -468,7 +836,8 @@ def make_loader(
         dataset: A split from :func:`load_splits`.
         batch_size: Images per batch (per rank).
         shuffle: Whether to permute the images; the permutation is seeded from ``(seed, epoch)``.
-        augment: Whether to apply the training augmentation (random padded crop, horizontal flip where it applies).
+        augment: Whether to apply the training augmentation (ImageFolder: RandomResizedCrop and a horizontal flip;
+            the in-memory sets: a random padded crop and a horizontal flip where it applies).
         seed: The run's seed; with ``epoch`` and ``rank`` it is the loader's only source of randomness.
         epoch: Epoch number; each epoch gets a different order and different crops.
         rank: This process's rank among ``world_size`` data-parallel processes.
@@ -696,7 +1065,7 @@ def _unpickle(path: Path) -> dict:
 # --- ImageFolder ---------------------------------------------------------------------------------------------------
 
 
-def _load_imagefolder(root: Path, image_size: int) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+def _load_imagefolder(root: Path, config: DataConfig) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     train_dir = root / "train"
     classes = tuple(sorted(d.name for d in train_dir.iterdir() if d.is_dir())) if train_dir.is_dir() else ()
     if not classes:
@@ -713,10 +1082,15 @@ def _load_imagefolder(root: Path, image_size: int) -> tuple[ImageFolderDataset, 
     index = {name: k for k, name in enumerate(classes)}
     train_samples = _scan_folder(train_dir, index)
     test_samples = _scan_folder(test_dir, index)
-    return (
-        ImageFolderDataset(samples=train_samples, classes=classes, image_size=image_size),
-        ImageFolderDataset(samples=test_samples, classes=classes, image_size=image_size),
-    )
+    settings = {
+        "classes": classes,
+        "image_size": config.image_size or _DEFAULT_IMAGEFOLDER_SIZE,
+        "workers": default_workers() if config.workers is None else config.workers,
+        "decoder": config.decoder,
+        "eval_cache": config.eval_cache,
+        "cache_dir": config.cache_dir,
+    }
+    return ImageFolderDataset(samples=train_samples, **settings), ImageFolderDataset(samples=test_samples, **settings)
 
 
 def _scan_folder(folder: Path, index: dict[str, int]) -> tuple[tuple[str, int], ...]:

@@ -6,6 +6,10 @@ training images (a cumulative average, as `momentum=None` gives), which is what 
 trained-from-scratch accuracies (SPOS, OFA). This is done on `supernet.extract(arch)`, a private copy: the shared
 weights are never touched, so scoring can run on several threads at once.
 
+The calibration and validation images are decoded once, when the `Evaluator` is built (`experiments.data.
+cache_decoded`: ImageFolder images go to a uint8 tensor in memory or a memory-mapped file, `data.eval_cache`), so
+every candidate after that reads tensors and decodes nothing.
+
 Command line::
 
     python -m experiments.evaluate --config experiments/fashion_mnist.yaml --supernet runs/sn/supernet.pt \
@@ -29,14 +33,15 @@ from torch import nn
 
 from experiments.checkpoints import load_supernet
 from experiments.config import ConfigError, EvaluateConfig, load_experiment
-from experiments.data import ImageDataset, Splits, load_splits, make_loader
+from experiments.data import ImageDataset, ImageFolderDataset, Splits, cache_decoded, load_splits, make_loader
 from search_space import Arch, Supernet, parse_arch, space_to_dict
 from search_space.network import ShuffleNetV2
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
-# Keep the validation images in memory when they fit in this many bytes (float32); larger sets are re-read per arch.
-_CACHE_BYTES = 1 << 30
+# Keep the normalised (float32) batches when they fit in this many bytes; larger sets are normalised again per arch,
+# from their decoded uint8 copies.
+_FLOAT_BATCH_BYTES = 1 << 30
 
 
 @torch.no_grad()
@@ -102,6 +107,15 @@ def accuracy_and_loss(model: nn.Module, batches: Batches) -> tuple[float, float]
     return int(correct) / total, float(loss) / total
 
 
+def calibration_indices(dataset: ImageDataset, cfg: EvaluateConfig, *, seed: int) -> torch.Tensor:
+    """Positions of the BatchNorm calibration images: the first `cfg.bn_calibration_images` of a seeded shuffle."""
+    loader = make_loader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, augment=False, seed=seed, epoch=0,
+        limit=cfg.bn_calibration_images,
+    )
+    return loader.indices()
+
+
 def calibration_batches(
     dataset: ImageDataset, cfg: EvaluateConfig, *, seed: int, device: str | torch.device = "cpu"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -109,16 +123,14 @@ def calibration_batches(
 
     The images are not augmented, so the statistics match what the network sees at validation time.
     """
-    loader = make_loader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, augment=False, seed=seed, epoch=0, device=device,
-        limit=cfg.bn_calibration_images,
-    )
-    return list(loader)
+    images = cache_decoded(dataset, calibration_indices(dataset, cfg, seed=seed), batch_size=cfg.batch_size,
+                           device=device, what="calibration images")
+    return list(make_loader(images, batch_size=cfg.batch_size, shuffle=False, augment=False, seed=seed, device=device))
 
 
 @dataclass(frozen=True)
 class EvalRecord:
-    """One scored candidate."""
+    """One scored candidate: what `Evaluator.score` returns."""
 
     arch: str  # arch code
     accuracy: float  # validation accuracy in [0, 1] after recalibration
@@ -127,13 +139,15 @@ class EvalRecord:
 
 
 class Evaluator:
-    """Scores archs with the supernet's weights: `evaluate(arch) -> validation accuracy in [0, 1]`.
+    """Scores archs with the supernet's weights: `score(arch)` gives the validation accuracy and loss, and
+    `evaluate(arch)` the accuracy alone (the interface searchers call).
 
-    This is the interface searchers call. The calibration images are chosen once (seeded) and kept; the validation
-    images are kept in memory when they fit. Each call extracts the arch, recalibrates its BatchNorm statistics and
-    scores it, so calls are independent of each other and of their order, and safe from several threads. Given
-    several supernets (replicas of one recipe, `supernet.replicas`), an arch's accuracy and loss are the means over
-    them, each recalibrated on the same images.
+    The calibration images (chosen once, seeded) and the validation images are decoded once, here, and kept as
+    uint8 tensors (in memory, or memory-mapped for large ImageFolder sets; `data.eval_cache`); small sets are kept
+    as ready float batches. Each call extracts the arch, recalibrates its BatchNorm statistics and scores it, so
+    calls are independent of each other and of their order, and safe from several threads. Given several supernets
+    (replicas of one recipe, `supernet.replicas`), an arch's accuracy and loss are the means over them, each
+    recalibrated on the same images.
 
     Args:
         supernet: trained shared weights (not modified), or a sequence of replicas.
@@ -152,45 +166,43 @@ class Evaluator:
             raise ValueError("Evaluator: no supernet given")
         self.cfg = cfg
         self.device = torch.device(device)
-        self.calibration = calibration_batches(splits.train, cfg, seed=seed, device=self.device)
-        self._val_loader = make_loader(
-            splits.val, batch_size=cfg.batch_size, shuffle=False, augment=False, seed=seed, device=self.device,
-            limit=cfg.val_images,
-        )
         count = min(len(splits.val), cfg.val_images or len(splits.val))
-        size = count * splits.in_channels * splits.image_size**2 * 4
-        self._val: Batches = list(self._val_loader) if size <= _CACHE_BYTES else self._val_loader
+        self.calibration = self._batches(
+            cache_decoded(splits.train, calibration_indices(splits.train, cfg, seed=seed), batch_size=cfg.batch_size,
+                          device=self.device, what="calibration images"), seed)
+        self._val = self._batches(
+            cache_decoded(splits.val, torch.arange(count), batch_size=cfg.batch_size, device=self.device,
+                          what="validation images"), seed)
         self._lock = threading.Lock()
         self.records: list[EvalRecord] = []
+
+    def _batches(self, images: ImageDataset, seed: int) -> Batches:
+        loader = make_loader(images, batch_size=self.cfg.batch_size, shuffle=False, augment=False, seed=seed,
+                             device=self.device)
+        if isinstance(images, ImageFolderDataset):  # data.eval_cache: off; decoded again for every candidate
+            return loader
+        size = len(images) * images.in_channels * images.image_size**2 * 4
+        return list(loader) if size <= _FLOAT_BATCH_BYTES else loader
 
     def model(self, arch: Arch, replica: int = 0) -> ShuffleNetV2:
         """The plain network for `arch` with one replica's shared weights and recalibrated BatchNorm statistics (eval
         mode)."""
         return recalibrate_bn(self.supernets[replica], self.calibration, arch)
 
-    def evaluate(self, arch: Arch) -> float:
-        """Validation accuracy in [0, 1] of `arch` with the shared weights, after BatchNorm recalibration (the mean
-        over the replicas)."""
+    def score(self, arch: Arch) -> EvalRecord:
+        """Validation accuracy in [0, 1] and mean loss of `arch` with the shared weights, after BatchNorm
+        recalibration (the means over the replicas), and the seconds it took."""
         start = time.perf_counter()
         scores = [accuracy_and_loss(self.model(arch, k), self._val) for k in range(len(self.supernets))]
-        acc = statistics.fmean(a for a, _ in scores)
-        loss = statistics.fmean(x for _, x in scores)
-        record = EvalRecord(arch=arch.encode(), accuracy=acc, loss=loss, seconds=time.perf_counter() - start)
+        record = EvalRecord(arch=arch.encode(), accuracy=statistics.fmean(a for a, _ in scores),
+                            loss=statistics.fmean(x for _, x in scores), seconds=time.perf_counter() - start)
         with self._lock:
             self.records.append(record)
-        return acc
+        return record
 
-    @property
-    def last(self) -> EvalRecord:
-        """The most recent evaluation (accuracy, loss, seconds); from one thread, the one it just made."""
-        if not self.records:
-            raise ValueError("Evaluator: nothing evaluated yet")
-        return self.records[-1]
-
-    @property
-    def last_seconds(self) -> float:
-        """Seconds the most recent evaluation took."""
-        return self.last.seconds
+    def evaluate(self, arch: Arch) -> float:
+        """Validation accuracy in [0, 1] of `arch`: `score(arch).accuracy`."""
+        return self.score(arch).accuracy
 
     @property
     def mean_seconds(self) -> float:
@@ -227,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     evaluator = Evaluator(supernets, splits, cfg.evaluate, seed=cfg.seed, device=device)
     for arch in archs:
-        acc = evaluator.evaluate(arch)
+        record = evaluator.score(arch)
         cost = supernet.space.cost(arch, supernet.num_classes)
-        print(f"{acc:.4f}  loss {evaluator.last.loss:.4f}  {evaluator.last_seconds:6.1f} s  {cost.mflops:7.1f} MFLOPs"
+        print(f"{record.accuracy:.4f}  loss {record.loss:.4f}  {record.seconds:6.1f} s  {cost.mflops:7.1f} MFLOPs"
               f"  {arch.encode()}")
     return 0
 

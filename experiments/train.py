@@ -112,9 +112,9 @@ def _report_supernet(supernets: list[Supernet], space: SearchSpace, splits: Spli
     rows = [("largest", space.largest()), ("smallest", space.smallest()), *space.contained_references().items()]
     scores = {}
     for label, arch in rows:
-        acc = evaluator.evaluate(arch)
-        scores[label] = {"arch": arch.encode(), "val_accuracy": acc, "seconds": evaluator.last_seconds}
-        print(f"{label:<20} val {acc:.4f} ({evaluator.last_seconds:.1f} s)  {arch.encode()}")
+        record = evaluator.score(arch)
+        scores[label] = {"arch": arch.encode(), "val_accuracy": record.accuracy, "seconds": record.seconds}
+        print(f"{label:<20} val {record.accuracy:.4f} ({record.seconds:.1f} s)  {arch.encode()}")
     summary_path = run_dir / "supernet.json"
     summary = json.loads(summary_path.read_text())
     summary["evaluation"] = scores

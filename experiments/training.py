@@ -660,8 +660,8 @@ class _RetrainLoop(_Loop):
 
 
 def _data_identity(data: DataConfig) -> dict[str, Any]:
-    # The root is where the files are, not what they are: moving the data set does not make another run.
-    return {k: v for k, v in dataclasses.asdict(data).items() if k != "root"}
+    # Where the files are, and how they are decoded, do not make another run (DataConfig.identity).
+    return data.identity()
 
 
 def _plain(history: list[EpochStats]) -> list[dict[str, Any]]:

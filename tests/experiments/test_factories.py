@@ -44,8 +44,9 @@ def test_supernet_evaluator_factory_builds_the_same_evaluator(cfg, splits, space
     alone = []
     for path in paths:
         single = SupernetEvaluatorFactory(str(SYNTHETIC), "quick", path)()
-        alone.append((single.evaluate(arch), single.last.loss))
+        record = single.score(arch)
+        alone.append((record.accuracy, record.loss))
     assert alone[0][1] != alone[1][1]  # the replicas score differently, so the mean is of both
-    accuracy = evaluator.evaluate(arch)
-    assert accuracy == pytest.approx((alone[0][0] + alone[1][0]) / 2, abs=1e-12)
-    assert evaluator.last.loss == pytest.approx((alone[0][1] + alone[1][1]) / 2, abs=1e-12)
+    record = evaluator.score(arch)
+    assert record.accuracy == pytest.approx((alone[0][0] + alone[1][0]) / 2, abs=1e-12)
+    assert record.loss == pytest.approx((alone[0][1] + alone[1][1]) / 2, abs=1e-12)

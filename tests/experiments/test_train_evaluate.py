@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.evaluate import Evaluator, accuracy, calibration_batches, recalibrate_bn
+from experiments.evaluate import EvalRecord, Evaluator, accuracy, calibration_batches, recalibrate_bn
 from experiments.training import train_supernet
 from search_space import Supernet
 
@@ -83,7 +83,6 @@ def test_evaluator_scores_in_range_deterministically_and_order_free(supernet, sp
     assert max(scores) > 0.2  # the trained supernet beats chance (0.1) on this easy data
     assert [r.arch for r in evaluator.records] == [a.encode() for a in archs]
     assert all(r.seconds > 0 for r in evaluator.records)
-    assert evaluator.last_seconds == evaluator.records[-1].seconds
     assert evaluator.mean_seconds == pytest.approx(sum(r.seconds for r in evaluator.records) / 3)
 
 
@@ -99,22 +98,26 @@ def test_evaluator_score_is_the_calibrated_plain_network_accuracy(supernet, spac
     images, labels = map(torch.cat, zip(*val, strict=True))
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(plain(images), labels).item()
-    assert evaluator.last.loss == pytest.approx(expected, rel=1e-5)
-    assert evaluator.last.accuracy == accuracy(plain, val)
+    record = evaluator.score(arch)
+    assert record.loss == pytest.approx(expected, rel=1e-5)
+    assert record.accuracy == accuracy(plain, val)
+    assert record.arch == arch.encode() and record.seconds > 0 and evaluator.records[-1] == record
 
 
 def test_evaluator_is_safe_from_several_threads(supernet, space, splits, cfg):
     evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed)
     archs = [space.sample(np.random.default_rng(i)) for i in range(4)]
     expected = [evaluator.evaluate(a) for a in archs]
-    results: dict[int, float] = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, evaluator.evaluate(archs[i])))
+    results: dict[int, EvalRecord] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, evaluator.score(archs[i])))
                for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert [results[i] for i in range(4)] == expected
+    # Each thread gets its own arch's record back, with the accuracy a lone call gives.
+    assert [results[i].accuracy for i in range(4)] == expected
+    assert [results[i].arch for i in range(4)] == [a.encode() for a in archs]
     assert len(evaluator.records) == 8
 
 
@@ -125,11 +128,11 @@ def test_replicas_score_an_arch_by_the_mean_of_their_scores(supernet, space, spl
     other.eval()
     arch = space.sample(np.random.default_rng(4))
     alone = [Evaluator(net, splits, cfg.evaluate, seed=0) for net in (supernet, other)]
-    scores = [(e.evaluate(arch), e.last.loss) for e in alone]
+    scores = [(r.accuracy, r.loss) for r in (e.score(arch) for e in alone)]
     assert scores[0] != scores[1]
-    both = Evaluator([supernet, other], splits, cfg.evaluate, seed=0)
-    assert both.evaluate(arch) == pytest.approx((scores[0][0] + scores[1][0]) / 2, abs=1e-12)
-    assert both.last.loss == pytest.approx((scores[0][1] + scores[1][1]) / 2, abs=1e-12)
+    both = Evaluator([supernet, other], splits, cfg.evaluate, seed=0).score(arch)
+    assert both.accuracy == pytest.approx((scores[0][0] + scores[1][0]) / 2, abs=1e-12)
+    assert both.loss == pytest.approx((scores[0][1] + scores[1][1]) / 2, abs=1e-12)
     assert Evaluator([supernet], splits, cfg.evaluate, seed=0).evaluate(arch) == scores[0][0]
     with pytest.raises(ValueError, match="no supernet"):
         Evaluator([], splits, cfg.evaluate)
@@ -138,4 +141,4 @@ def test_replicas_score_an_arch_by_the_mean_of_their_scores(supernet, space, spl
 def test_evaluator_before_any_call_has_no_cost(supernet, splits, cfg):
     evaluator = Evaluator(supernet, splits, cfg.evaluate, seed=cfg.seed)
     with pytest.raises(ValueError, match="nothing evaluated"):
-        evaluator.last_seconds  # noqa: B018
+        evaluator.mean_seconds  # noqa: B018
