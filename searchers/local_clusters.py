@@ -34,7 +34,7 @@ PG_USER = "postgres"  # the server's superuser, and the account that runs the se
 
 
 class InfrastructureUnavailable(RuntimeError):
-    """A local server or cluster cannot be started here (what is missing is in the message)."""
+    """A local server or cluster cannot be started here (what is missing, or what failed, is in the message)."""
 
 
 def free_port() -> int:
@@ -190,8 +190,8 @@ class LocalRayCluster:
     def start(self) -> LocalRayCluster:
         self.folder = Path(tempfile.mkdtemp(prefix="shufflenas-ray-"))  # short: Ray's socket paths must fit 107 bytes
         self._ray("--head", "--port", str(self.port), "--temp-dir", str(self.folder), "--include-dashboard=false",
-                  "--node-manager-port", str(self.node_ports[0]), "--ray-client-server-port", str(free_port()),
-                  "--dashboard-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()))
+                  "--node-manager-port", str(self.node_ports[0]), "--dashboard-port", str(free_port()),
+                  "--dashboard-agent-listen-port", str(free_port()))
         for k in range(1, self.nodes):
             self.start_node(k)
         return self

@@ -9,6 +9,7 @@ trials. A second mode trains candidates from scratch for a few epochs under the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -99,6 +100,12 @@ class _RecordingOptunaSearch(OptunaSearch):
     The study is the record of the search (Ray's result grid ignores the constraint), so what a trial's record
     needs is written there, before the trial is told complete.
     """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # A restored experiment reruns a trial that the study had finished before Ray saved its state: the study
+        # keeps the first result.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)

@@ -107,9 +107,10 @@ def postgres():
     from searchers.local_clusters import InfrastructureUnavailable, LocalPostgres
 
     try:
-        server = LocalPostgres().start()
+        server = LocalPostgres()  # finds the programs and the account to run them as
     except InfrastructureUnavailable as e:
         pytest.skip(f"no local PostgreSQL server can start here: {e}")
+    server.start()  # installed but failing to start is a failure, not a skip
     yield server
     server.stop()
 
@@ -127,12 +128,9 @@ def pg_url(postgres) -> str:
 @pytest.fixture
 def ray_cluster():
     """A Ray cluster of two nodes (one CPU each) on this machine, with token authentication."""
-    from searchers.local_clusters import InfrastructureUnavailable, LocalRayCluster
+    from searchers.local_clusters import LocalRayCluster
 
-    try:
-        cluster = LocalRayCluster(nodes=2, cpus_per_node=1).start()
-    except InfrastructureUnavailable as e:
-        pytest.skip(f"no local Ray cluster can start here: {e}")
+    cluster = LocalRayCluster(nodes=2, cpus_per_node=1).start()  # Ray is a dependency: failing to start fails
     yield cluster
     cluster.stop()
 
