@@ -294,6 +294,9 @@ class RaySearcher(Searcher):
                 search_alg=ConcurrencyLimiter(search, max_concurrent=self.max_concurrent),
                 scheduler=scheduler,
                 num_samples=n_trials - completed(study),
+                # One actor per concurrent trial, kept for the next: its evaluator (a supernet, the data) is built
+                # once per worker process (_WORKER_CACHE) instead of once per trial.
+                reuse_actors=True,
                 # Ray needs one metric/mode for its own bookkeeping; the multi-objective view is the study's.
                 metric=None if multi else "accuracy",
                 mode=None if multi else "max",

@@ -20,7 +20,9 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # Workers import this checkout's modules (where another install of the package is on the path, too).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield
     ray.shutdown()
 
