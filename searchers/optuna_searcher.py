@@ -203,8 +203,9 @@ def completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def _taken(study: optuna.Study, before: int | None = None) -> int:
-    """Trials that hold a slot of the budget: complete ones, and running ones that may still complete.
+def _taken(study: optuna.Study, before: int | None = None) -> tuple[int, int]:
+    """Complete trials, and trials that hold a slot of the budget: complete ones and running ones that may still
+    complete (numbered below `before`, if given). One read of the storage.
 
     A running trial counts when its worker can be known to be alive or dead: always with a heartbeat (a dead one
     is failed after the grace period), and on this host by its process id. Without a heartbeat, another machine's
@@ -212,13 +213,14 @@ def _taken(study: optuna.Study, before: int | None = None) -> int:
     """
     heartbeat = is_heartbeat_enabled(study._storage)  # noqa: SLF001
     host = socket.gethostname()
-    n = 0
+    done = taken = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
         if before is not None and t.number >= before:
             continue
+        done += t.state == TrialState.COMPLETE
         local_alive = _worker(t).get("host") == host and not _local_and_dead(t, host)
-        n += t.state == TrialState.COMPLETE or heartbeat or local_alive
-    return n
+        taken += t.state == TrialState.COMPLETE or heartbeat or local_alive
+    return done, taken
 
 
 @dataclass
@@ -300,7 +302,7 @@ class OptunaSearcher(Searcher):
 
         def tagged(trial: optuna.Trial) -> Any:
             trial.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker)  # noqa: SLF001
-            if _taken(study, before=trial.number) >= n_trials:  # another worker took the last slot just now
+            if _taken(study, before=trial.number)[1] >= n_trials:  # another worker took the last slot just now
                 frozen = trial.storage.get_trial(trial._trial_id)  # noqa: SLF001
                 if "fixed_params" in frozen.system_attrs:  # a queued arch: queue it again for whoever runs next
                     study.enqueue_trial(frozen.system_attrs["fixed_params"], user_attrs=dict(frozen.user_attrs))
@@ -310,14 +312,14 @@ class OptunaSearcher(Searcher):
 
         try:
             while True:
-                recover_stale_trials(study)
-                done = completed(study)
+                done, taken = _taken(study)
                 if done >= n_trials:
                     break
-                if _taken(study) >= n_trials:  # the last trials run elsewhere: they end, or die and come back
+                if taken >= n_trials:  # the last trials run elsewhere: they end, or die and come back
+                    recover_stale_trials(study)
                     time.sleep(POLL_S)
                     continue
-                study.optimize(tagged, n_trials=1, gc_after_trial=False)
+                study.optimize(tagged, n_trials=1, gc_after_trial=False)  # fails stale trials with a heartbeat
         finally:
             if bar:
                 bar.close()
