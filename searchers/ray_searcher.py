@@ -144,6 +144,11 @@ def check_cluster(address: str) -> None:
 def _refused(address: str, error: BaseException) -> ClusterUnavailable:
     mode = os.environ.get("RAY_AUTH_MODE")
     now = f"RAY_AUTH_MODE is {mode!r} here" if mode else "RAY_AUTH_MODE is not set here"
+    if address == "auto":  # no port was checked: nothing may run here at all
+        return ClusterUnavailable(
+            f"could not join a Ray cluster on this machine (--ray-address auto; {type(error).__name__}): start one "
+            f"with `RAY_AUTH_MODE=token ray start --head`, or, if one runs, set RAY_AUTH_MODE=token for search.py "
+            f"with the cluster's token ({now})")
     return ClusterUnavailable(
         f"the Ray cluster at {address} refused this driver ({type(error).__name__}; Ray 2.60 clusters require a "
         f"token and {now}): set RAY_AUTH_MODE=token for search.py, as for every node, with the cluster's token "
@@ -294,9 +299,6 @@ class RaySearcher(Searcher):
                 search_alg=ConcurrencyLimiter(search, max_concurrent=self.max_concurrent),
                 scheduler=scheduler,
                 num_samples=n_trials - completed(study),
-                # One actor per concurrent trial, kept for the next: its evaluator (a supernet, the data) is built
-                # once per worker process (_WORKER_CACHE) instead of once per trial.
-                reuse_actors=True,
                 # Ray needs one metric/mode for its own bookkeeping; the multi-objective view is the study's.
                 metric=None if multi else "accuracy",
                 mode=None if multi else "max",
