@@ -305,6 +305,15 @@ def configure(job: Job, crew: Crew | None = None) -> Run:
                                        target_ms=None))
     if job.ray_address and cfg.search.searcher != "ray":
         raise UsageError("--ray-address needs --searcher ray")
+    # A database or cluster that cannot be reached fails here, in one line, before any training.
+    if job.storage and "://" in job.storage:
+        from searchers.optuna_searcher import open_database
+
+        open_database(job.storage)
+    if job.ray_address:
+        from searchers.ray_searcher import check_cluster
+
+        check_cluster(job.ray_address)
     if cfg.search.ray_mode == "asha" and cfg.search.searcher != "ray":
         raise UsageError("ray_mode asha needs --searcher ray")
     if cfg.search.ray_mode == "asha" and (cfg.search.objectives != "single" or len(job.targets) > 1):

@@ -7,8 +7,10 @@ factories, so Ray workers can build their own from paths instead of receiving pi
 
 from __future__ import annotations
 
+import abc
 import csv
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -53,6 +55,14 @@ class InfeasibleTarget(ValueError):
     """No arch of the space can meet the latency target on this table."""
 
 
+class StorageUnavailable(ValueError):
+    """The study storage cannot be opened: its database does not answer, or its driver is not installed."""
+
+
+class ClusterUnavailable(ValueError):
+    """The Ray cluster cannot be joined: nothing answers at the address, or the cluster refuses this driver."""
+
+
 @dataclass(frozen=True)
 class TrialRecord:
     """One trial as every searcher records it (a row of trials.csv)."""
@@ -66,6 +76,7 @@ class TrialRecord:
     mflops: float
     state: str  # COMPLETE, FAIL, RUNNING, ...
     seconds: float  # wall time of the evaluation
+    node: str = ""  # where it ran: "host/pid" of an Optuna worker process, "ip/node-id" of a Ray node
 
     @property
     def evaluated(self) -> bool:
@@ -120,6 +131,66 @@ class SearchResult:
         names = [f.name for f in fields(TrialRecord)]
         rows = [asdict(t) for t in self.trials]
         atomic_write(path, lambda f: _write_rows(f, names, rows))
+
+
+class Searcher(abc.ABC):
+    """How candidates are chosen: the interface every searcher implements (after Optuna's `BaseSampler`).
+
+    A searcher is built with a space, a latency predictor and a target (its `space`, `predictor` and `target_ms`
+    attributes) plus whatever scores archs; building it checks the options and touches nothing else (no files, no
+    connections). Its trials live in a storage that outlives the process, so that `run` resumes and several workers
+    can share one search. `run` is the template every caller uses; implementations provide the three abstract
+    methods, each called at one point of it:
+
+    1. `completed()`: by `run`, after the target is checked, to learn whether any work remains;
+    2. `search(n_trials)`: by `run`, only when fewer than `n_trials` trials are complete;
+    3. `result()`: by `run` at the end, and by anyone who wants the stored trials without running more.
+
+    Bad input and unreachable infrastructure raise ValueError subclasses (`InfeasibleTarget`,
+    `StorageUnavailable`, `ClusterUnavailable`) with a one-line message naming the values and the fix.
+    """
+
+    space: SearchSpace
+    predictor: LatencyPredictor
+    target_ms: float
+
+    def run(self, n_trials: int) -> SearchResult:
+        """Search (or resume) until the storage holds `n_trials` complete trials in total; return every trial.
+
+        Raises:
+            ValueError: `n_trials` is below 1.
+            InfeasibleTarget: no arch meets the target (raised before any file or connection is made).
+        """
+        if n_trials < 1:
+            raise ValueError(f"n_trials {n_trials} must be at least 1")
+        notice = check_target(self.predictor, self.space, self.target_ms)
+        if notice:
+            print(notice, file=sys.stderr)
+        if self.completed() < n_trials:
+            self.search(n_trials)
+        return self.result()
+
+    @abc.abstractmethod
+    def completed(self) -> int:
+        """The number of complete trials in the storage, counting earlier runs and other workers.
+
+        Called by `run` once the target is known to be feasible; the first call may create the storage.
+        """
+
+    @abc.abstractmethod
+    def search(self, n_trials: int) -> None:
+        """Run trials until the storage holds `n_trials` complete ones, resuming what an earlier run left.
+
+        Called by `run` only when `completed() < n_trials`. A trial whose worker died is run again, so the total
+        of complete trials ends exactly at `n_trials`.
+        """
+
+    @abc.abstractmethod
+    def result(self) -> SearchResult:
+        """Every trial in the storage so far, as TrialRecords, with this searcher's target.
+
+        Called by `run` when the search is done; may also be called on its own to read a stored search.
+        """
 
 
 def _write_rows(f, names: Sequence[str], rows: Iterable[dict]) -> None:

@@ -76,14 +76,19 @@ def directions(objectives: str) -> list[str]:
 def record_from_trial(trial: Any) -> TrialRecord:
     """A TrialRecord from an Optuna FrozenTrial (trials that died before predicting get NaN fields)."""
     a = trial.user_attrs
+    worker = trial.system_attrs.get("shufflenas:worker") or {}
+    accuracy = a.get("accuracy")
+    if accuracy is None and trial.values and a.get("feasible"):  # a trial Ray told before its record was written
+        accuracy = trial.values[0]
     return TrialRecord(
         number=trial.number,
         arch=a.get("arch", ""),
         predicted_ms=float(a.get("predicted_ms", math.nan)),
         feasible=bool(a.get("feasible", False)),
-        accuracy=float(a.get("accuracy", math.nan)),
+        accuracy=math.nan if accuracy is None else float(accuracy),
         params=int(a.get("params", 0)),
         mflops=float(a.get("mflops", math.nan)),
         state=trial.state.name,
         seconds=float(a.get("seconds", math.nan)),
+        node=f"{worker['host']}/{worker['pid']}" if worker else str(a.get("node", "")),
     )

@@ -6,6 +6,7 @@ They live in the package (not in tests/) because Ray workers must be able to imp
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from collections.abc import Callable
 
@@ -19,14 +20,21 @@ def _score(space: SearchSpace, arch: Arch) -> float:
 
 
 class CostEvaluator:
-    """Scores an arch from its size alone (no training); records the archs it was asked about."""
+    """Scores an arch from its size alone (no training); records the archs it was asked about.
 
-    def __init__(self, space: SearchSpace) -> None:
+    `seconds` of sleep per arch stand in for a real evaluation's time, so that trials overlap and can be
+    interrupted midway.
+    """
+
+    def __init__(self, space: SearchSpace, seconds: float = 0.0) -> None:
         self.space = space
+        self.seconds = seconds
         self.calls: list[str] = []
 
     def evaluate(self, arch: Arch) -> float:
         self.calls.append(arch.encode())
+        if self.seconds:
+            time.sleep(self.seconds)
         return _score(self.space, arch)
 
 
@@ -46,14 +54,15 @@ class CostTrainer:
 class CostEvaluatorFactory:
     """Picklable factory: builds a CostEvaluator from the space file's path where the trial runs."""
 
-    def __init__(self, space_path: str) -> None:
+    def __init__(self, space_path: str, seconds: float = 0.0) -> None:
         self.space_path = str(space_path)
+        self.seconds = seconds
 
     def __call__(self) -> CostEvaluator:
-        return CostEvaluator(SearchSpace.from_yaml(self.space_path))
+        return CostEvaluator(SearchSpace.from_yaml(self.space_path), self.seconds)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.space_path!r})"
+        return f"{type(self).__name__}({self.space_path!r}, seconds={self.seconds!r})"
 
 
 class CostTrainerFactory(CostEvaluatorFactory):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,95 @@ def target(predictor, tiny_space) -> float:
     """A target that binds: about a third of the tiny space meets it."""
     low, high = predictor.min_latency(tiny_space), predictor.max_latency(tiny_space)
     return low + 0.3 * (high - low)
+
+
+# ---- scale-out: a throwaway PostgreSQL server, a two-node Ray cluster, search.py on the tiny synthetic job -----
+
+ROOT = TINY.parents[2]
+SEARCH = ROOT / "search.py"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 for this test session (skips where it cannot start)."""
+    from searchers.local_clusters import InfrastructureUnavailable, LocalPostgres
+
+    try:
+        server = LocalPostgres()  # finds the programs and the account to run them as
+    except InfrastructureUnavailable as e:
+        pytest.skip(f"no local PostgreSQL server can start here: {e}")
+    server.start()  # installed but failing to start is a failure, not a skip
+    yield server
+    server.stop()
+
+
+_databases = iter(range(10**6))
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """A fresh database of the session's server, as the URL `--storage` takes."""
+    pytest.importorskip("psycopg", reason='the PostgreSQL driver is not installed (pip install -e ".[postgres]")')
+    return postgres.create_database(f"study{next(_databases)}")
+
+
+@pytest.fixture
+def ray_cluster():
+    """A Ray cluster of two nodes (one CPU each) on this machine, with token authentication."""
+    from searchers.local_clusters import LocalRayCluster
+
+    cluster = LocalRayCluster(nodes=2, cpus_per_node=1).start()  # Ray is a dependency: failing to start fails
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def job_config(tmp_path_factory) -> Path:
+    """The synthetic experiment cut to seconds: search.py's whole job, with trials that take a moment each."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "experiments" / "synthetic.yaml").read_text())
+    raw["space"] = str(TINY)
+    raw["data"]["synthetic_size"] = 256
+    raw["supernet"].update(epochs=1)
+    raw["retrain"].update(epochs=1)
+    raw["evaluate"].update(bn_calibration_images=64)
+    raw["search"].update(trials=6, top_k=1)
+    path = tmp_path_factory.mktemp("job") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def job_lut(tmp_path_factory) -> Path:
+    """A calibrated CPU table of the tiny space."""
+    from latency_lut import Settings, profile, validate
+
+    path = tmp_path_factory.mktemp("lut") / "tiny.json"
+    space = SearchSpace.from_yaml(TINY)
+    profile(space, path, "cpu", Settings(num_classes=10), progress=False)
+    validate(path, space, n=6, calibrate_frac=0.5, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def job_target(job_lut) -> float:
+    """Every arch meets it, with room for a busy machine (the latency promise is tested elsewhere)."""
+    from latency_lut import LatencyTable
+
+    return round(3 * LatencyTable.load(job_lut).max_latency(SearchSpace.from_yaml(TINY)), 3)
+
+
+def search_command(job_config: Path, job_lut: Path, job_target: float, run_dir: Path, *extra: str) -> list[str]:
+    """`python search.py ...` on the tiny job, as a user types it."""
+    return [sys.executable, str(SEARCH), "--config", str(job_config), "--target-ms", str(job_target), "--device",
+            "cpu", "--lut", str(job_lut), "--run-dir", str(run_dir), "--threads", "1", *extra]
+
+
+def job_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a search.py process: this checkout first on the path, also for its helper processes."""
+    import os
+
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env

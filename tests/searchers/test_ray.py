@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
 import pytest
-from conftest import TINY, StandInFactory
+from conftest import ROOT, TINY, StandInFactory, job_env
 from test_contract import SearcherContract
 
 from searchers.standins import CostTrainerFactory
@@ -13,7 +20,9 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # Workers import this checkout's modules (where another install of the package is on the path, too).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield
     ray.shutdown()
 
@@ -29,14 +38,25 @@ class TestRayContract(SearcherContract):
                            seed=seed, progress=False, **kw)
 
 
-def test_asha_mode_trains_and_stops_early(tiny_space, predictor, target, tmp_path):
+def test_asha_mode_trains_and_stops_early(tiny_space, predictor, tmp_path):
+    """Every arch trains (the target does not bind); ASHA stops the weaker ones before asha_epochs."""
+    import optuna
+
+    from searchers.optuna_searcher import make_storage
     from searchers.ray_searcher import RaySearcher
 
-    searcher = RaySearcher(tiny_space, predictor, target, trainer_factory=CostTrainerFactory(str(TINY)),
-                           mode="asha", asha_epochs=4, run_dir=tmp_path, seed=0, progress=False)
-    result = searcher.run(6)
-    assert sum(t.state == "COMPLETE" for t in result.trials) == 6
+    searcher = RaySearcher(tiny_space, predictor, predictor.max_latency(tiny_space) * 1.5,
+                           trainer_factory=CostTrainerFactory(str(TINY)), mode="asha", asha_epochs=4, asha_grace=1,
+                           run_dir=tmp_path, seed=0, progress=False)
+    result = searcher.run(8)
+    assert sum(t.state == "COMPLETE" for t in result.trials) == 8
     assert result.best is not None and result.best.feasible
+    study = optuna.load_study(study_name="shufflenas", storage=make_storage(None, tmp_path))
+    epochs = sorted(t.user_attrs["epochs"] for t in study.trials)
+    assert epochs[0] < 4 and epochs[-1] == 4, epochs  # some were stopped early, the best trained to the end
+    stopped = [t for t in study.trials if t.user_attrs["epochs"] < 4]
+    for t in stopped:  # a stopped trial's record holds its truncated accuracy: below what it would have reached
+        assert t.user_attrs["accuracy"] < result.best.accuracy
 
 
 def test_asha_refuses_multi_objective(tiny_space, predictor, target, tmp_path):
@@ -47,15 +67,69 @@ def test_asha_refuses_multi_objective(tiny_space, predictor, target, tmp_path):
                     objectives="multi", run_dir=tmp_path)
 
 
-def test_restore_completes_the_requested_trials(tiny_space, predictor, target, tmp_path):
-    """A finished experiment restored with the same command does not run trials again."""
+def test_interrupted_experiment_resumes_where_it_stopped(tiny_space, predictor, target, tmp_path):
+    """Ctrl-C a search midway (in its own process); the same search here restores it and runs only the rest."""
+    import optuna
+
+    from searchers.optuna_searcher import make_storage
+
+    n = 8
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import ray
+        from conftest import TINY, write_table
+        from pathlib import Path
+        from latency_lut import LatencyTable
+        from search_space import SearchSpace
+        from searchers.ray_searcher import RaySearcher
+        from searchers.standins import CostEvaluatorFactory
+
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        space = SearchSpace.from_yaml(TINY)
+        table = LatencyTable.load(write_table(space, Path({str(tmp_path)!r}) / "lut.json"))
+        try:
+            RaySearcher(space, table, {target!r}, evaluator_factory=CostEvaluatorFactory(str(TINY), seconds=0.5),
+                        run_dir={str(tmp_path)!r}, seed=0, progress=False, max_concurrent=1).run({n})
+        except KeyboardInterrupt:
+            sys.exit(130)
+    """)
+    storage = make_storage(None, tmp_path)
+
+    def complete() -> list:
+        try:
+            study = optuna.load_study(study_name="shufflenas", storage=storage)
+        except KeyError:
+            return []
+        return [t for t in study.trials if t.state.name == "COMPLETE"]
+
+    driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=job_env())
+    deadline = time.monotonic() + 300
+    while len(complete()) < 3 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=120) == 130  # interrupted, not finished
+    before = {t.number: t.params for t in complete()}
+    assert 3 <= len(before) < n
+
     from searchers.ray_searcher import RaySearcher
 
-    def make():
-        return RaySearcher(tiny_space, predictor, target, evaluator_factory=StandInFactory(str(TINY)),
-                           run_dir=tmp_path, seed=0, progress=False)
+    result = RaySearcher(tiny_space, predictor, target, evaluator_factory=StandInFactory(str(TINY)),
+                         run_dir=tmp_path, seed=0, progress=False, max_concurrent=1).run(n)
+    done = [t for t in result.trials if t.state == "COMPLETE"]
+    assert len(done) == n
+    after = {t.number: t.params for t in complete()}
+    assert {k: after[k] for k in before} == before  # nothing finished was lost or run again
+    assert not any(t.state == "RUNNING" for t in result.trials)
 
-    first = make().run(4)
-    again = make().run(4)
-    assert [t.arch for t in again.trials] == [t.arch for t in first.trials]
-    assert sum(t.state == "COMPLETE" for t in again.trials) == 4
+
+def test_no_cluster_at_an_address_fails_at_once_in_one_line():
+    from searchers.base import ClusterUnavailable
+    from searchers.local_clusters import free_port
+    from searchers.ray_searcher import check_cluster
+
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(ClusterUnavailable, match=f"no Ray cluster answers at {address}.*ray start --head"):
+        check_cluster(address)
+    with pytest.raises(ClusterUnavailable, match="expected host:port"):
+        check_cluster("somewhere")
