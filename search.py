@@ -1005,5 +1005,36 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+TOOLS = {  # `shufflenas TOOL ...`: the installed entry point to every command line of the project
+    "search": ("search", "the whole job (what `python search.py` runs)"),
+    "lut": ("latency_lut.__main__", "latency tables: profile, validate, show, measure"),
+    "measure": ("latency_lut.__main__", "time a shipped model.onnx or model.pt2 (= lut measure)"),
+    "train": ("experiments.train", "train a supernet or retrain an arch on its own"),
+    "evaluate": ("experiments.evaluate", "score archs with a trained supernet"),
+    "export": ("experiments.export", "export an arch with weights: arch.yaml, model.pt, model.pt2, model.onnx"),
+    "space": ("search_space.__main__", "what a search space holds"),
+}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`shufflenas TOOL [ARGS]`, the console script a `pip install` puts on PATH; each tool is one of the
+    project's command lines, with its own --help."""
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in TOOLS and argv[0] not in ("-h", "--help"):
+        print(f"error: shufflenas: unknown tool {argv[0]!r} (tools: {', '.join(TOOLS)})", file=sys.stderr)
+        return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, TOOLS))
+        lines = [f"  {name:<{width}}  {what}" for name, (_, what) in TOOLS.items()]
+        print("usage: shufflenas TOOL [ARGS]   (shufflenas TOOL --help for a tool's options)\n\ntools:\n"
+              + "\n".join(lines))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(TOOLS[name][0])
+    return int(module.main(["measure", *rest] if name == "measure" else rest) or 0)
+
+
 if __name__ == "__main__":
     sys.exit(main())
