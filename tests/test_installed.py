@@ -19,7 +19,7 @@ def installed(tmp_path_factory) -> Path:
     """The project's wheel installed into a folder of its own (its dependencies come from this environment)."""
     folder = tmp_path_factory.mktemp("installed")
     pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(folder / "dist"), str(ROOT)],
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(folder / "dist"), str(ROOT)],
                    check=True, capture_output=True, cwd=folder)
     (wheel,) = (folder / "dist").glob("shufflenas-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(folder / "site"), str(wheel)], check=True,
