@@ -286,6 +286,7 @@ class OrtRunner(Runner):
 
         self.session = ort_session(model, threads, runtime, device_index)
         self.cuda = runtime != "onnxruntime"
+        self.device_index = device_index
         where = ("cuda", device_index) if self.cuda else ("cpu", 0)
         self.x = np.ascontiguousarray(x)
         # On the CPU the value shares self.x's memory (both are kept alive here); on CUDA it is a device copy.
@@ -298,17 +299,17 @@ class OrtRunner(Runner):
         for output, value in zip(self.session.get_outputs(), self.binding.get_outputs(), strict=True):
             self.binding.bind_ortvalue_output(output.name, value)
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device_index)
 
     def time(self, calls: int) -> np.ndarray:
         out = np.empty(calls)
         clock, run, binding = _perf_ns, self.session.run_with_iobinding, self.binding
         if self.cuda:
-            synchronize = torch.cuda.synchronize
+            synchronize, index = torch.cuda.synchronize, self.device_index
             for i in range(calls):
                 t = clock()
                 run(binding)
-                synchronize()  # ORT's CUDA stream is not torch's: wait for the device, not for one stream
+                synchronize(index)  # ORT's CUDA stream is not torch's: wait for the device, not for one stream
                 out[i] = clock() - t
         else:
             for i in range(calls):
