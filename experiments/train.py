@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from experiments import distributed
 from experiments.config import ConfigError, ExperimentConfig, TrainRecipe, fingerprint, load_experiment
-from experiments.cudnn import cudnn_autotune
+from experiments.cudnn import cudnn_mode
 from experiments.data import DataConfig, ImageDataset, Splits, load_splits, make_loader
 from experiments.distributed import DistContext
 from experiments.evaluate import Evaluator
@@ -399,7 +399,7 @@ class _Loop:
     kind = ""
     checkpoint_name = ""
     find_unused_parameters = False
-    cudnn_benchmark = False  # autotune cuDNN per shape (see experiments/cudnn.py): only where the shapes are fixed
+    cudnn = "heuristic"  # cuDNN's algorithm choice (experiments/cudnn.py): autotuned only where the shapes are fixed
 
     def __init__(
         self,
@@ -476,7 +476,7 @@ class _Loop:
             desc=self.kind, unit="img", unit_scale=True, disable=not self.progress, dynamic_ncols=True,
             file=sys.stderr,
         )
-        with bar, cudnn_autotune(self.device, self.cudnn_benchmark):
+        with bar, cudnn_mode(self.device, self.cudnn):
             for epoch in range(self.start_epoch, end):
                 self.history.append(self._epoch(epoch, bar))
                 if self.ctx.is_main:
@@ -631,7 +631,7 @@ class _SupernetLoop(_Loop):
     kind = "supernet"
     checkpoint_name = SUPERNET_CHECKPOINT
     find_unused_parameters = True  # each step trains one subgraph: the other units get no gradient
-    cudnn_benchmark = False  # a new arch, so new convolution shapes, on almost every step: no autotuning
+    cudnn = "heuristic"  # a new arch, so new convolution shapes, on almost every step: no autotuning
 
     def __init__(self, supernet: Supernet, splits: Splits, cfg: ExperimentConfig, identity: dict[str, Any],
                  run_dir: Path, seed: int, device: torch.device, progress: bool, ctx: DistContext) -> None:
@@ -693,7 +693,7 @@ class _SupernetLoop(_Loop):
 class _RetrainLoop(_Loop):
     kind = "retrain"
     checkpoint_name = RETRAIN_CHECKPOINT
-    cudnn_benchmark = True  # one arch: its few shapes are autotuned on the first step and reused by every other
+    cudnn = "autotune"  # one arch: its few shapes are autotuned on the first step and reused by every other
 
     def __init__(self, model: nn.Module, splits: Splits, cfg: ExperimentConfig, identity: dict[str, Any],
                  run_dir: Path, seed: int, device: torch.device, progress: bool, ctx: DistContext) -> None:
