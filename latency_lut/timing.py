@@ -497,7 +497,8 @@ def input_shape_for(input_shape: Sequence[int], settings: Settings) -> tuple[int
 
 def make_runner(model: nn.Module | str | Path, shape: tuple[int, ...], device: torch.device,
                 settings: Settings, seed: int = 0) -> Runner:
-    """A runner for a whole model under `settings`: eager on `device`, or ONNX Runtime on an .onnx file or an export.
+    """A runner for a whole model under `settings`: eager or a captured CUDA graph on `device`, or ONNX Runtime (on
+    the runtime's provider) on an .onnx file or an export.
 
     The model is put in eval mode and, for eager, moved to the device, dtype and memory format (in place).
     """
@@ -525,9 +526,10 @@ def measure_model(model: nn.Module | str | Path, input_shape: Sequence[int], dev
     """Time a whole model end to end, with the statistic the tables use.
 
     Args:
-        model: a torch module (eager, or exported for onnxruntime) or the path of an .onnx file (onnxruntime).
+        model: a torch module (eager, cudagraph, or exported for ONNX Runtime's runtimes) or the path of an .onnx
+            file (onnxruntime, ort-cuda, ort-tensorrt).
         input_shape: (C, H, W), or (N, C, H, W) with N equal to `settings.batch_size`.
-        device: "cpu", "cuda" or "cuda:N" (onnxruntime: cpu only).
+        device: "cpu", "cuda" or "cuda:N" (onnxruntime: cpu only; cudagraph, ort-cuda, ort-tensorrt: cuda only).
         settings: runtime, threads, dtype, memory format, batch size.
         repeats: interleaved rounds; overrides `budget.rounds`.
         budget: calls per round and warm-up (default: blocks of at least 0.2 s, 3 to 50 calls).
