@@ -1,9 +1,11 @@
 """`python -m latency_lut {profile,validate,show,measure}`: build, check and read latency tables; time a model file.
 
     python -m latency_lut profile --space experiments/spaces/imagenet.yaml --device cpu [--threads 1] [--out FILE]
+    python -m latency_lut profile --space experiments/spaces/imagenet.yaml --device cuda --runtime cudagraph
     python -m latency_lut validate --lut FILE --space experiments/spaces/imagenet.yaml [--n 50] [--seed 0]
     python -m latency_lut show --lut FILE [--space SPACE.yaml] [--arch CODE]
     python -m latency_lut measure runs/.../winners/1-<arch>/model.onnx --device cpu [--json]
+    python -m latency_lut measure runs/.../winners/1-<arch>/model.pt2 --device cuda --runtime cudagraph
 
 Bad input (a missing or malformed space, an unknown or absent device, a dtype the device does not take, a table
 measured elsewhere, a corrupt table) ends with one `error: ...` line on stderr and exit code 2. An interrupted
