@@ -11,9 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from latency_lut import Budget, LatencyTable, LutError, Settings, enumerate_ops, measure_file, measure_model, profile
+from latency_lut import (
+    Budget,
+    LatencyTable,
+    LutError,
+    Settings,
+    arch_ops,
+    enumerate_ops,
+    measure_file,
+    measure_model,
+    profile,
+)
 from latency_lut.__main__ import main
 from latency_lut.fingerprint import CUDA_RUNTIMES, RUNTIMES, SHIPPED_FILES, check_settings, is_ort
+from latency_lut.ops import call_op
 from latency_lut.profiler import default_method
 from latency_lut.timing import export_onnx, ort_session, runtime_of_file
 from search_space import SearchSpace
@@ -206,8 +217,8 @@ def _gpu_runtimes() -> list:
 
 
 @pytest.mark.parametrize("runtime", _gpu_runtimes())
-def test_gpu_runtime_profiles_isolated_ops_with_the_call_taken_once(tmp_path: Path, tiny_space: SearchSpace,
-                                                                    tiny_budget: Budget, runtime: str) -> None:
+def test_gpu_runtime_profiles_isolated_ops_and_its_per_run_cost(tmp_path: Path, tiny_space: SearchSpace,
+                                                                tiny_budget: Budget, runtime: str) -> None:
     settings = Settings(runtime=runtime, num_classes=10)
     table = profile(tiny_space, tmp_path / "t.json", "cuda", settings, budget=tiny_budget, progress=False)
     assert set(table.entries) == set(enumerate_ops(tiny_space)) and table.info["complete"] is True
@@ -216,7 +227,11 @@ def test_gpu_runtime_profiles_isolated_ops_with_the_call_taken_once(tmp_path: Pa
     assert (table.fingerprint.runtime_version != "") == is_ort(runtime)
     for op, e in table.entries.items():
         assert math.isfinite(e.median_us) and e.median_us >= 0, op
+    assert table.entries[call_op(tiny_space.geometry)].median_us > 0  # one session run or graph replay: not free
     arch = tiny_space.largest()
+    ops = arch_ops(arch, tiny_space.geometry)  # the call op once, the arch's ops with the per-run cost taken off
+    assert table.predict_many([arch], corrected=False)[0] == pytest.approx(
+        sum(table.entries[op].median_us for op in ops) / 1e3)
     m = measure_model(tiny_space.build(arch, 10), (1, 16, 16), "cuda", settings, repeats=2, budget=GPU_BUDGET)
     assert len(m.samples_ms) == 6 and m.p50_ms > 0
     assert LatencyTable.load(tmp_path / "t.json").predict(arch) > 0
