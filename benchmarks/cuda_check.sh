@@ -66,7 +66,7 @@ if [[ $SMALL == 1 ]]; then
     # on a GPU can be refused here ("cannot be met as the device measures now"), so the dry run gives room.
     export SEARCH_TARGET=${SEARCH_TARGET:-1.5xshufflenet_v2_x0_5}
 else
-    export BUDGET_S=${CUDA_CHECK_BUDGET_S:-540}   # + packing and the kill grace: under 10 minutes in all
+    export BUDGET_S=${CUDA_CHECK_BUDGET_S:-500}   # + packing, results and the kill grace: under 10 minutes in all
     export PROFILE_FLAGS="--rounds 3 --block-ms 10 --group 16"
     export VALIDATE_N=30 VALIDATE_FLAGS="--rounds 4 --block-ms 30"   # 30 archs: 12 fit the correction, 18 held out
     export SEARCH_FLAGS=""
