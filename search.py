@@ -154,9 +154,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "largest), or a multiple of one (0.75xshufflenet_v2_x0_5); several, comma-separated and "
                         "ascending, give one family of winners per budget (0.3,0.4,0.5)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the config's device)")
-    p.add_argument("--runtime", choices=("onnxruntime", "eager"), default=None,
+    p.add_argument("--runtime", choices=("onnxruntime", "eager", "cudagraph", "ort-cuda", "ort-tensorrt"), default=None,
                    help="what runs the shipped model, and so what latency means: onnxruntime (model.onnx; the "
-                        "default on cpu) or eager (PyTorch, model.pt2; the default on cuda)")
+                        "default on cpu) or eager (PyTorch, model.pt2; the default on cuda); on cuda also cudagraph "
+                        "(model.pt2 captured as a CUDA graph), ort-cuda or ort-tensorrt (model.onnx on ONNX "
+                        "Runtime's CUDA or TensorRT provider: onnxruntime-gpu)")
     p.add_argument("--statistic", choices=("p50", "p90", "p99"), default=None,
                    help="what the budget promises: a percentile over every call of a measurement (default: the "
                         "config's, p50)")
@@ -299,7 +301,11 @@ def configure(job: Job, crew: Crew | None = None) -> Run:
         device = str(resolve_device(f"cuda:{crew.ctx.local_rank}"))  # torchrun: each process its own GPU
     runtime = job.runtime or cfg.latency.runtime or default_runtime(device)
     if runtime == "onnxruntime" and device != "cpu":
-        raise UsageError(f"--runtime onnxruntime is measured on the cpu only, not on {device}; use --runtime eager")
+        raise UsageError(f"--runtime onnxruntime is measured on the cpu only, not on {device}; use --runtime eager, "
+                         f"cudagraph, ort-cuda or ort-tensorrt")
+    if runtime in ("cudagraph", "ort-cuda", "ort-tensorrt") and not device.startswith("cuda"):
+        raise UsageError(f"--runtime {runtime} runs on a cuda device only, not on {device}; use --runtime onnxruntime "
+                         f"or eager")
     _check_runtime_installed(runtime)
     cfg = replace(cfg, latency=replace(cfg.latency, runtime=runtime, statistic=job.statistic or cfg.latency.statistic,
                                        target_ms=None))
@@ -334,12 +340,16 @@ def configure(job: Job, crew: Crew | None = None) -> Run:
 
 
 def _check_runtime_installed(runtime: str) -> None:
-    if runtime == "onnxruntime":
+    if runtime in ("onnxruntime", "ort-cuda", "ort-tensorrt"):
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
-            raise UsageError("runtime onnxruntime is not installed: pip install -e \".[export]\" (or choose "
-                             "--runtime eager)") from None
+            extra = "export" if runtime == "onnxruntime" else "gpu"
+            raise UsageError(f"runtime {runtime}: onnxruntime is not installed: pip install -e \".[{extra}]\" (or "
+                             f"choose --runtime eager)") from None
+        from latency_lut.fingerprint import check_runtime_installed
+
+        check_runtime_installed(runtime)  # onnxruntime without the runtime's execution provider
 
 
 def check_run_dir(run: Run) -> None:
@@ -429,7 +439,7 @@ def export_shipped(model: torch.nn.Module, runtime: str, folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SHIPPED_FILES[runtime]
-    (export_onnx if runtime == "onnxruntime" else export_program)(model.cpu().eval(), path)
+    (export_onnx if path.suffix == ".onnx" else export_program)(model.cpu().eval(), path)
     return path
 
 

@@ -13,14 +13,15 @@ import re
 import tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-for requirement in project["dependencies"] + sum(project["optional-dependencies"].values(), []):
+extras = [v for k, v in project["optional-dependencies"].items() if k != "gpu"]  # gpu: a CUDA machine's, not CI's
+for requirement in project["dependencies"] + sum(extras, []):
     match = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?>=([0-9][^,;\s]*)", requirement.replace(" ", ""))
     if match is None:
         raise SystemExit(f"pyproject.toml: {requirement!r} declares no plain '>=' minimum")
     print(f"{match[1]}=={match[3]}")
 PY
 )
-requirements=$("$PYTHON" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + sum(p["optional-dependencies"].values(), [])))')
+requirements=$("$PYTHON" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + sum((v for k, v in p["optional-dependencies"].items() if k != "gpu"), [])))')
 
 pip_install() {  # pip warns of every package that a local index of this machine lacks: only those lines are left out
     { "$VENV/bin/python" -m pip install -q "$@" 2>&1 1>&3 | { grep -v "^WARNING: Location 'file://.*' is ignored" || true; } >&2; } 3>&1

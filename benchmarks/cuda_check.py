@@ -3,9 +3,12 @@
     python benchmarks/cuda_check.py env --device cuda --out WORK/env.json
     python benchmarks/cuda_check.py imports
     python benchmarks/cuda_check.py config --data-root .data/fashion-mnist --out WORK/fashion_mnist.yaml [--small]
-    python benchmarks/cuda_check.py target --lut LUT --device cuda --out WORK/target.json [--frac 0.4]
-    python benchmarks/cuda_check.py validation-md --report WORK/validation/validate-cuda_lut.json --out OUT/x.md
-    python benchmarks/cuda_check.py results --work WORK --out OUT/results.json
+    python benchmarks/cuda_check.py runtimes --device cuda --out WORK/runtimes.json
+    python benchmarks/cuda_check.py file-runtimes --runtimes WORK/runtimes.json --file winners/1-.../model.pt2
+    python benchmarks/cuda_check.py first-epoch --device cuda --config WORK/fashion_mnist.yaml --mode heuristic \
+        --steps 25 --max-seconds 40 --out WORK/epoch-heuristic.json
+    python benchmarks/cuda_check.py results --work WORK --out OUT/results.json --md OUT/cuda_check.md
+    python benchmarks/cuda_check.py summary --results OUT/results.json
 
 Each command prints what it found and exits non-zero on failure, so the shell script can log it and go on. `results`
 reads only files (no torch), so it is cheap enough to rerun after every step.
@@ -14,10 +17,10 @@ reads only files (no torch), so it is cheap enough to rerun after every step.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
-import re
 import sys
 import time
 from importlib import metadata
@@ -30,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 CONFIG = ROOT / "experiments" / "fashion_mnist.yaml"
 SPACE = ROOT / "experiments" / "spaces" / "fashion_mnist.yaml"
 NUM_CLASSES = 10  # Fashion-MNIST; the latency table's head op depends on it
-REFERENCE = "shufflenet_v2_x0_5"
 
 # SMALL=1 (the CPU dry run): the quick preset shrunk to a few steps, so that every step of search.py runs in seconds.
 SMALL_PRESET = {
@@ -39,7 +41,8 @@ SMALL_PRESET = {
     "evaluate": {"bn_calibration_images": 250, "val_images": 250},
     "retrain": {"epochs": 1, "max_steps_per_epoch": 5},
 }
-PACKAGES = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "optuna", "scipy", "matplotlib", "pyyaml", "tqdm",
+PACKAGES = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt", "optuna", "scipy",
+            "matplotlib", "pyyaml", "tqdm",
             "typing_extensions", "markupsafe", "sqlalchemy", "alembic", "colorlog", "mako")
 
 
@@ -84,6 +87,12 @@ def cmd_env(args: argparse.Namespace) -> int:
         "cuda_available": torch.cuda.is_available(),
         "packages": {name: version(name) for name in PACKAGES},
     }
+    try:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        info["onnxruntime_providers"] = None
     if torch.cuda.is_available():
         dev = torch.device(args.device if args.device.startswith("cuda") else "cuda")
         props = torch.cuda.get_device_properties(dev)
@@ -153,115 +162,122 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- target -------------------------------------------------------------------------------------------------------
+# ---- runtimes ----------------------------------------------------------------------------------------------------
 
 
-def cmd_target(args: argparse.Namespace) -> int:
-    """A target between the fastest and the slowest arch (`--frac` of the way), so that it binds.
+def cmd_runtimes(args: argparse.Namespace) -> int:
+    """Which runtimes can run on the device here, each with the one-line reason the CLIs give when it cannot."""
+    from latency_lut import LutError, Settings, resolve_device
+    from latency_lut.fingerprint import RUNTIMES, check_settings
 
-    From the latency table when it covers the space; else from end-to-end measurements of the smallest and the
-    largest arch on the device (a table that did not get finished must not stop the search step).
+    out: dict[str, Any] = {"device": args.device, "runtimes": {}}
+    for runtime in RUNTIMES:
+        try:
+            check_settings(resolve_device(args.device), Settings(runtime=runtime, num_classes=NUM_CLASSES))
+            out["runtimes"][runtime] = {"available": True, "error": None}
+        except (LutError, ImportError) as e:
+            out["runtimes"][runtime] = {"available": False, "error": " ".join(str(e).split())}
+        r = out["runtimes"][runtime]
+        print(f"{runtime:<13} {'available' if r['available'] else 'unavailable: ' + r['error']}")
+    write_json(args.out, out)
+    return 0
+
+
+def cmd_file_runtimes(args: argparse.Namespace) -> int:
+    """The available runtimes that run a shipped file (its suffix), one per line."""
+    from latency_lut import SHIPPED_FILES
+
+    runtimes = (read_json(Path(args.runtimes)) or {}).get("runtimes", {})
+    suffix = Path(args.file).suffix
+    for runtime, name in SHIPPED_FILES.items():
+        if Path(name).suffix == suffix and runtimes.get(runtime, {}).get("available"):
+            print(runtime)
+    return 0
+
+
+# ---- the supernet's first epoch -----------------------------------------------------------------------------------
+
+EPOCH_MODES = ("heuristic", "off", "autotune")  # experiments/cudnn.py's modes; supernet training uses heuristic
+
+
+def cmd_first_epoch(args: argparse.Namespace) -> int:
+    """Training steps of the quick preset's supernet on `--steps` new archs, then on the same archs again.
+
+    New archs bring convolution shapes cuDNN has not met in this process (a plan is built for each, or with
+    autotuning several are timed); the same archs again meet only cached shapes. The ratio of the two per-step times
+    is the one-time cost per new shape that a supernet's first epoch pays. Random images stand in for the data (the
+    cost depends on the shapes, not the values). New archs get at most 70% of `--max-seconds`; the JSON is
+    rewritten after every step, so a timeout keeps what ran.
     """
     import torch
 
-    from latency_lut import LatencyTable, Settings, measure_model
-    from search_space import SearchSpace
+    from experiments.cudnn import MODES, cudnn_mode
 
-    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    enabled, benchmark = MODES[args.mode]
+    result: dict[str, Any] = {"mode": args.mode, "device": str(device), "new_shapes_s": [], "same_shapes_s": [],
+                              "cudnn": {"enabled": enabled, "benchmark": benchmark} if device.type == "cuda" else None}
+    with cudnn_mode(device, args.mode):
+        _supernet_steps(args, device, result)
+    n = len(result["same_shapes_s"])
+    if n:
+        new, same = sum(result["new_shapes_s"][:n]) / n, sum(result["same_shapes_s"]) / n
+        result.update(steps_compared=n, new_shapes_step_s=new, same_shapes_step_s=same, ratio=new / same)
+        print(f"{args.mode}: {n} steps on new archs {new:.3f} s/step, the same archs again {same:.3f} s/step "
+              f"({new / same:.1f}x)")
+    write_json(args.out, result)
+    return 0 if n else 1
+
+
+def _supernet_steps(args: argparse.Namespace, device: Any, result: dict[str, Any]) -> None:
+    import contextlib
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from experiments.config import load_experiment
+    from search_space import SearchSpace, Supernet
+
+    recipe = load_experiment(args.config, "quick").supernet
+    cuda = device.type == "cuda"
     space = SearchSpace.from_yaml(SPACE)
-    reference = space.reference(REFERENCE)
-    info: dict[str, Any] = {"frac": args.frac}
-    lut = Path(args.lut)
-    table = LatencyTable.load(lut) if lut.exists() else None
-    if table is not None and not table.missing(space):
-        c = table.correction
-        info.update(source="table", lut_entries=len(table), lut_complete=table.info.get("complete"),
-                    profile_seconds=table.info.get("profile_seconds"), min_ms=table.min_latency(space),
-                    max_ms=table.max_latency(space), reference_predicted_ms=table.predict(reference),
-                    correction={"scale": c.scale, "overhead_us": c.overhead_us, "fitted_on": c.fitted_on},
-                    fingerprint=table.fingerprint.to_dict())
-    else:
-        why = "missing" if table is None else f"{len(table.missing(space))} op(s) missing"
-        print(f"latency table {lut}: {why}; measuring the smallest and largest archs end to end instead")
-        settings = Settings(num_classes=NUM_CLASSES)
-        g = space.geometry
+    torch.manual_seed(0)
+    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    supernet = Supernet(space, NUM_CLASSES).to(device).to(memory_format=fmt)
+    optimizer = torch.optim.SGD(supernet.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True)
+    g = space.geometry
+    batch = args.batch_size or recipe.batch_size
+    images = torch.randn(batch, g.in_channels, g.input_size, g.input_size, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.amp) if cuda else None
+    result.update(batch_size=batch, amp=recipe.amp if cuda else "off", channels_last=recipe.channels_last)
+    rng = np.random.default_rng(0)
+    archs = [space.sample(rng) for _ in range(args.steps)]
 
-        def ms(arch: Any) -> float:
-            net = space.build(arch, NUM_CLASSES)
-            return measure_model(net, (g.in_channels, g.input_size, g.input_size), args.device, settings).p50_ms
+    def step(arch: Any) -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+            logits = supernet(images, arch)
+        F.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
-        info.update(source="measured", lut_entries=0 if table is None else len(table),
-                    min_ms=ms(space.smallest()), max_ms=ms(space.largest()), reference_measured_ms=ms(reference))
-    target = info["min_ms"] + args.frac * (info["max_ms"] - info["min_ms"])
-    info["target_ms"] = float(f"{target:.3g}")  # three significant digits: a readable command line
-    for key in ("source", "min_ms", "max_ms", "reference_predicted_ms", "reference_measured_ms", "target_ms"):
-        if key in info:
-            print(f"{key:<24} {info[key]}")
-    write_json(args.out, info)
-    return 0
-
-
-# ---- validation report --------------------------------------------------------------------------------------------
-
-
-def cmd_validation_md(args: argparse.Namespace) -> int:
-    report = json.loads(Path(args.report).read_text())
-    fp, c, noise = report["fingerprint"], report["correction"], report["noise"]
-    lines = [
-        f"# Latency table on {fp['device_kind']}: held-out validation",
-        "",
-        f"{fp['device_name']} (compute capability {fp['compute_capability']}), torch {fp['torch_version']}, CUDA "
-        f"{fp['cuda_version']}, cuDNN {fp['cudnn_version']}; {fp['runtime']}, batch {fp['batch_size']}, "
-        f"{fp['dtype']}, {fp['memory_format']}; space `{report['space']}`, {report['n']} sampled archs (seed "
-        f"{report['seed']}), {c['fitted_on']} of them fit the correction, the others are held out; "
-        f"{report['seconds']} s.",
-        "",
-        "| archs | n | MAPE | within ±5% | within ±10% | max error | bias | Kendall τ |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, key in (("held out, corrected", "held_out"), ("held out, uncorrected", "held_out_uncorrected"),
-                       ("calibration", "calibration")):
-        m = report.get(key)
-        if m:
-            lines.append(f"| {label} | {m['n']} | {m['mape']:.2f}% | {100 * m['within_5']:.0f}% | "
-                         f"{100 * m['within_10']:.0f}% | {m['max_error']:.1f}% | {m['bias']:+.2f}% | "
-                         f"{m['kendall_tau']:.3f} |")
-    lines += [
-        "",
-        f"Correction: scale {c['scale']:.4f}, overhead {c['overhead_us']:.1f} us ({c['loss']}).",
-        f"Noise: round spread median {100 * noise['round_spread_median']:.1f}% (p90 "
-        f"{100 * noise['round_spread_p90']:.1f}%), repeatability median {100 * noise['repeatability_median']:.1f}% "
-        f"(p90 {100 * noise['repeatability_p90']:.1f}%).",
-        "",
-        "| arch | role | measured ms | predicted ms | error |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for a in sorted(report["archs"], key=lambda a: a["measured_ms"]):
-        error = (a["predicted_ms"] - a["measured_ms"]) / a["measured_ms"] * 100
-        lines.append(f"| `{a['arch']}` | {a['role']} | {a['measured_ms']:.3f} | {a['predicted_ms']:.3f} | "
-                     f"{error:+.1f}% |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[6:10]))
-    return 0
+    step(space.smallest())  # CUDA context, cuBLAS handles, the allocator: not what is measured here
+    start = time.monotonic()
+    for key, deadline in (("new_shapes_s", start + 0.7 * args.max_seconds), ("same_shapes_s", None)):
+        for arch in archs[:len(result["new_shapes_s"])] if deadline is None else archs:
+            if time.monotonic() > (deadline or start + args.max_seconds):
+                result["stopped"] = f"{key}: the time given to it (--max-seconds {args.max_seconds}) ran out"
+                break
+            result[key].append(round(step(arch), 5))
+            write_json(args.out, result)
 
 
 # ---- results ------------------------------------------------------------------------------------------------------
-
-
-def parse_throughput(path: Path) -> list[dict[str, Any]]:
-    """The rows of bench_training.py throughput's markdown table."""
-    rows = []
-    try:
-        text = path.read_text()
-    except OSError:
-        return rows
-    pattern = re.compile(r"^\| (.+?) \| ([\d.]+) \| (\d+) \| (\d+) \| ([\d.]+) \|$")
-    for line in text.splitlines():
-        m = pattern.match(line.strip())
-        if m:
-            rows.append({"arch": m[1], "mflops": float(m[2]), "plain_img_s": int(m[3]),
-                         "supernet_img_s": int(m[4]), "supernet_over_plain": float(m[5])})
-    return rows
 
 
 def read_steps(path: Path) -> list[dict[str, Any]]:
@@ -278,71 +294,162 @@ def read_steps(path: Path) -> list[dict[str, Any]]:
     return steps
 
 
-def search_summary(run_dir: Path) -> dict[str, Any]:
+def tables(work: Path) -> list[dict[str, Any]]:
+    """Every latency table's settings, profiling time, range and held-out validation."""
+    out = []
+    for lut in sorted((work / "luts").glob("*.json")):
+        data = read_json(lut) or {}
+        fp, info = data.get("fingerprint") or {}, data.get("info") or {}
+        row: dict[str, Any] = {"table": lut.stem, "runtime": fp.get("runtime"), "batch_size": fp.get("batch_size"),
+                               "dtype": fp.get("dtype"), "entries": len(data.get("entries") or []),
+                               "complete": info.get("complete"), "method": info.get("method"),
+                               "profile_seconds": info.get("profile_seconds")}
+        report = read_json(work / "validation" / f"validate-{lut.stem}.json")
+        if report is None:  # where search.py validated a table itself
+            report = read_json(work / "luts" / f"{lut.stem}-validation" / f"validate-{lut.stem}.json")
+        if report:
+            row.update({k: report.get(k) for k in ("n", "seconds", "held_out", "held_out_uncorrected", "correction",
+                                                   "noise")})
+            measured = [a["measured_ms"] for a in report.get("archs", [])]
+            if measured:
+                row["measured_range_ms"] = [min(measured), max(measured)]
+        out.append(row)
+    return out
+
+
+def search_summary(run_dir: Path, home: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir_exists": run_dir.is_dir()}
     if not run_dir.is_dir():
         return out
     out["steps_s"] = read_json(run_dir / "steps.json")
-    out["run"] = read_json(run_dir / "run.json")
-    trials = run_dir / "trials.csv"
-    if trials.exists():
-        out["trials_rows"] = max(len(trials.read_text().splitlines()) - 1, 0)
+    out["targets"] = read_json(run_dir / "targets.json")
+    calibration = read_json(run_dir / "calibration.json")
+    if calibration:
+        ratios = [a["measured_ms"] / a["predicted_ms"] for a in calibration.get("archs", [])]
+        out["calibration"] = {"ratio": calibration.get("ratio"), "archs": len(ratios),
+                              "measured_over_predicted": [round(r, 3) for r in ratios]}
+    predicted: dict[str, float] = {}  # the table's prediction of every candidate (rescaled by the calibration)
+    for trials in sorted(run_dir.glob("trials*.csv")):
+        with trials.open() as f:
+            rows = list(csv.DictReader(f))
+        out[f"{trials.stem}_rows"] = len(rows)
+        predicted.update({r["arch"]: float(r["predicted_ms"]) for r in rows if r.get("predicted_ms")})
     ship = read_json(run_dir / "ship.json") or {}
-    out["measured"] = ship.get("measured")
-    out["winners"] = [
-        {k: card.get(k) for k in ("folder", "predicted_ms", "measured_ms", "measured_p90_ms", "target_ms",
-                                  "search_accuracy", "val_accuracy", "test_accuracy")}
-        for card in (ship.get("shipped") or {}).values()
-    ]
+    out["verdicts"] = [{"arch": arch, "predicted_ms": predicted.get(arch), "measured_ms": v.get("ms"),
+                        "tries_ms": v.get("tries_ms")}
+                       for arch, v in (ship.get("measured") or {}).items()]
+    out["winners"] = []
+    for path in sorted(run_dir.glob("winners/**/model_card.json")):
+        card = read_json(path) or {}
+        out["winners"].append({"folder": str(path.parent.relative_to(run_dir)),
+                               **{k: card.get(k) for k in ("arch", "predicted_ms", "measured_ms", "target_ms",
+                                                           "runtime", "search_accuracy", "val_accuracy",
+                                                           "test_accuracy")}})
     for name in ("report.md", "pareto.png", "trials.csv"):
         out[f"has_{name}"] = (run_dir / name).exists()
-    out["model_cards"] = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("winners/*/model_card.json"))
-    out["exported"] = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("winners/*/model.*"))
+    out["supernet_epochs"] = [
+        {"folder": path.parent.name, "history": [{k: h.get(k) for k in ("epoch", "seconds", "images_per_s", "loss")}
+                                                 for h in (read_json(path) or {}).get("history", [])]}
+        for path in sorted(home.glob("supernets/*/supernet.json"))
+    ]
     return out
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     work = Path(args.work)
-    validation = None
-    reports = sorted((work / "validation").glob("validate-*.json"))
-    if reports:
-        report = read_json(reports[0]) or {}
-        validation = {k: report.get(k) for k in ("n", "seconds", "held_out", "held_out_uncorrected", "correction",
-                                                 "noise")}
     results = {
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": read_json(work / "settings.json"),
         "steps": read_steps(work / "steps.tsv"),
         "env": read_json(work / "env.json"),
-        "lut_and_target": read_json(work / "target.json"),
-        "validation": validation,
-        "throughput": parse_throughput(work / "throughput.md"),
-        "search": search_summary(work / "run"),
+        "runtimes": read_json(work / "runtimes.json"),
+        "tables": tables(work),
+        "search": search_summary(work / "run", work / "home"),
+        "measured_files": [
+            {"name": path.stem, **{k: m.get(k) for k in ("file", "runtime", "batch_size", "dtype", "p50_ms",
+                                                         "p90_ms", "p99_ms", "calls")}}
+            for path in sorted((work / "measure").glob("*.json")) if (m := read_json(path))
+        ],
+        "first_epoch": [m for mode in EPOCH_MODES if (m := read_json(work / f"epoch-{mode}.json"))],
         "pack": read_json(work / "pack.json"),
     }
     write_json(args.out, results)
+    if args.md:
+        Path(args.md).write_text(markdown(results))
     return 0
 
 
+def _pct(x: Any) -> str:
+    return f"{100 * x:.0f}%" if isinstance(x, int | float) else "-"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The figures of results.json as markdown tables."""
+    settings, env = r.get("settings") or {}, r.get("env") or {}
+    lines = [
+        f"# benchmarks/cuda_check.sh on {env.get('device_name', settings.get('device'))}",
+        "",
+        f"Commit `{settings.get('commit')}`, started {settings.get('started')}; torch {env.get('torch')}, CUDA "
+        f"{env.get('torch_cuda')}, cuDNN {env.get('cudnn')}, onnxruntime providers {env.get('onnxruntime_providers')}.",
+        "",
+        "| step | status | seconds |",
+        "|---|---|---:|",
+        *[f"| {s['name']} | {s['status']} | {s['seconds']:.1f} |" for s in r.get("steps") or []],
+        "",
+        "## Latency tables: held-out validation",
+        "",
+        "| runtime | batch | dtype | entries | profile s | n | MAPE | within ±10% | max error | Kendall τ "
+        "| measured ms |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for t in r.get("tables") or []:
+        held = t.get("held_out") or {}
+        span = t.get("measured_range_ms")
+        lines.append(f"| {t['runtime']} | {t['batch_size']} | {t['dtype']} | {t['entries']} | "
+                     f"{t.get('profile_seconds') or 0:.0f} | {held.get('n', '-')} | "
+                     f"{held.get('mape', float('nan')):.2f}% | {_pct(held.get('within_10'))} | "
+                     f"{held.get('max_error', float('nan')):.1f}% | {held.get('kendall_tau', float('nan')):.3f} | "
+                     f"{f'{span[0]:.3f}-{span[1]:.3f}' if span else '-'} |")
+    search = r.get("search") or {}
+    lines += ["", "## search.py --preset quick", ""]
+    if search.get("steps_s"):
+        lines.append("Steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in search["steps_s"].items()))
+    for sn in search.get("supernet_epochs") or []:
+        lines.append("Supernet epochs (s): " + ", ".join(f"{h['epoch']}: {h['seconds']:.1f}" for h in sn["history"]))
+    if search.get("calibration"):
+        c = search["calibration"]
+        lines.append(f"Calibration: {c['archs']} archs measured/predicted {c['measured_over_predicted']}, ratio "
+                     f"{c['ratio']}")
+    verdicts = search.get("verdicts") or []
+    if verdicts:
+        ratios = sorted(v["measured_ms"] / v["predicted_ms"] for v in verdicts
+                        if v.get("measured_ms") and v.get("predicted_ms"))
+        lines.append(f"Verdicts: {len(verdicts)} shipped files measured, measured/predicted "
+                     f"{ratios[0]:.2f}-{ratios[-1]:.2f} (median {ratios[len(ratios) // 2]:.2f})" if ratios else "")
+    for w in search.get("winners") or []:
+        lines.append(f"Winner `{w['arch']}` ({w['runtime']}): predicted {w['predicted_ms']:.3f} ms, measured "
+                     f"{w['measured_ms']:.3f} ms, budget {w['target_ms']:.3f} ms, test accuracy "
+                     f"{w['test_accuracy']:.4f}")
+    lines += ["", "## Shipped files (python -m latency_lut measure, fresh process)", "",
+              "| file | runtime | p50 ms | p90 ms | p99 ms | calls |", "|---|---|---:|---:|---:|---:|"]
+    for m in r.get("measured_files") or []:
+        lines.append(f"| {Path(m['file']).parent.name}/{Path(m['file']).name} | {m['runtime']} | {m['p50_ms']:.4f} | "
+                     f"{m['p90_ms']:.4f} | {m['p99_ms']:.4f} | {m['calls']} |")
+    lines += ["", "## Supernet steps: new convolution shapes vs the same again", "",
+              "| cuDNN mode | steps | new shapes s/step | same shapes s/step | ratio |", "|---|---:|---:|---:|---:|"]
+    for e in r.get("first_epoch") or []:
+        if "ratio" in e:
+            lines.append(f"| {e['mode']} | {e['steps_compared']} | {e['new_shapes_step_s']:.3f} | "
+                         f"{e['same_shapes_step_s']:.3f} | {e['ratio']:.1f}x |")
+        else:
+            lines.append(f"| {e['mode']} | {len(e['new_shapes_s'])} (stopped) | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
-    """A few lines for the end of the console output (the rest is in results.json and log.txt)."""
+    """A few lines for the end of the console output (the rest is in results.json, cuda_check.md and log.txt)."""
     r = json.loads(Path(args.results).read_text())
-    for s in r["steps"]:
-        print(f"{s['name']:<12} {s['status']:<8} {s['seconds']:7.1f} s")
-    target = r.get("lut_and_target") or {}
-    if target:
-        print(f"target {target.get('target_ms')} ms from {target.get('source')}: fastest {target.get('min_ms'):.3f} "
-              f"ms, slowest {target.get('max_ms'):.3f} ms")
-    held = (r.get("validation") or {}).get("held_out")
-    if held:
-        print(f"LUT held out: MAPE {held['mape']:.2f}%, within 10% {100 * held['within_10']:.0f}%, Kendall tau "
-              f"{held['kendall_tau']:.3f} (n {held['n']})")
-    for row in r.get("throughput") or []:
-        print(f"throughput {row['arch']}: plain {row['plain_img_s']} img/s, supernet {row['supernet_img_s']} img/s "
-              f"({row['supernet_over_plain']:.2f})")
-    for w in (r.get("search") or {}).get("winners") or []:
-        print(f"winner {w['folder']}: predicted {w['predicted_ms']:.3f} ms, measured {w['measured_ms']:.3f} ms "
-              f"(target {w['target_ms']}), test accuracy {w['test_accuracy']:.4f}")
+    print(markdown(r))
     return 0
 
 
@@ -357,22 +464,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--small", action="store_true", help="shrink the quick preset (CPU dry run)")
-    p = sub.add_parser("target", help="a binding target between the fastest and slowest arch")
-    p.add_argument("--lut", required=True)
+    p = sub.add_parser("runtimes", help="which runtimes run on the device here, with the reason where one cannot")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--frac", type=float, default=0.4)
     p.add_argument("--out", required=True)
-    p = sub.add_parser("validation-md", help="the validation report as markdown")
-    p.add_argument("--report", required=True)
+    p = sub.add_parser("file-runtimes", help="the available runtimes that run a shipped file")
+    p.add_argument("--runtimes", required=True)
+    p.add_argument("--file", required=True)
+    p = sub.add_parser("first-epoch", help="supernet steps on new archs, then the same archs again")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--config", required=True)
+    p.add_argument("--mode", choices=EPOCH_MODES, default="heuristic")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the quick preset's supernet batch")
+    p.add_argument("--max-seconds", type=float, default=40.0)
     p.add_argument("--out", required=True)
-    p = sub.add_parser("results", help="collect every step's figures into one JSON file")
+    p = sub.add_parser("results", help="collect every step's figures into one JSON file (and markdown)")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--md", default=None)
     p = sub.add_parser("summary", help="print the main figures of results.json")
     p.add_argument("--results", required=True)
     args = parser.parse_args(argv)
-    commands = {"env": cmd_env, "imports": cmd_imports, "config": cmd_config, "target": cmd_target,
-                "validation-md": cmd_validation_md, "results": cmd_results, "summary": cmd_summary}
+    commands = {"env": cmd_env, "imports": cmd_imports, "config": cmd_config, "runtimes": cmd_runtimes,
+                "file-runtimes": cmd_file_runtimes, "first-epoch": cmd_first_epoch, "results": cmd_results,
+                "summary": cmd_summary}
     return commands[args.command](args)
 
 

@@ -184,7 +184,8 @@ class LatencyConfig:
     threads: int = 1  # intra-op CPU threads while timing
     dtype: str = "float32"  # tensor dtype of the timed model
     runtime: str | None = None  # what runs the shipped model: "onnxruntime" (model.onnx) or "eager" (PyTorch,
-    #                             model.pt2); None: onnxruntime on a CPU, eager on CUDA
+    #                             model.pt2); on CUDA also "cudagraph" (model.pt2 as a CUDA graph), "ort-cuda" or
+    #                             "ort-tensorrt" (model.onnx); None: onnxruntime on a CPU, eager on CUDA
     statistic: str = "p50"  # what a budget promises: "p50", "p90" or "p99" over every call of a measurement
     margin: float = 0.0  # safety share subtracted from the target (0.1 = aim 10% under it)
     calibrate_archs: int = 8  # archs near the target measured in the search process to rescale the table (0: off)
@@ -200,8 +201,9 @@ class LatencyConfig:
             raise ValueError(f"latency.margin: expected 0 <= margin < 1, got {self.margin}")
         if self.calibrate_archs < 0:
             raise ValueError(f"latency.calibrate_archs: expected >= 0, got {self.calibrate_archs}")
-        if self.runtime not in (None, "onnxruntime", "eager"):
-            raise ValueError(f"latency.runtime: {self.runtime!r} is not one of [null, 'onnxruntime', 'eager']")
+        runtimes = (None, "onnxruntime", "eager", "cudagraph", "ort-cuda", "ort-tensorrt")  # latency_lut.RUNTIMES
+        if self.runtime not in runtimes:
+            raise ValueError(f"latency.runtime: {self.runtime!r} is not one of {['null', *runtimes[1:]]}")
         if self.statistic not in ("p50", "p90", "p99"):
             raise ValueError(f"latency.statistic: {self.statistic!r} is not one of ['p50', 'p90', 'p99']")
 

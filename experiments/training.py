@@ -53,6 +53,7 @@ from experiments.checkpoints import (
     write_json,
 )
 from experiments.config import ExperimentConfig, TrainRecipe, fingerprint
+from experiments.cudnn import cudnn_mode
 from experiments.data import DataConfig, ImageDataset, Splits, make_loader
 from experiments.distributed import DistContext
 from search_space import Arch, SearchSpace, Supernet, space_to_dict
@@ -344,6 +345,7 @@ class _Loop:
     kind = ""
     checkpoint_name = ""
     find_unused_parameters = False
+    cudnn = "heuristic"  # cuDNN's algorithm choice (experiments/cudnn.py): autotuned only where the shapes are fixed
 
     def __init__(
         self,
@@ -420,7 +422,7 @@ class _Loop:
             desc=self.kind, unit="img", unit_scale=True, disable=not self.progress, dynamic_ncols=True,
             file=sys.stderr,
         )
-        with bar:
+        with bar, cudnn_mode(self.device, self.cudnn):
             for epoch in range(self.start_epoch, end):
                 self.history.append(self._epoch(epoch, bar))
                 if self.ctx.is_main:
@@ -575,6 +577,7 @@ class _SupernetLoop(_Loop):
     kind = "supernet"
     checkpoint_name = SUPERNET_CHECKPOINT
     find_unused_parameters = True  # each step trains one subgraph: the other units get no gradient
+    cudnn = "heuristic"  # a new arch, so new convolution shapes, on almost every step: no autotuning
 
     def __init__(self, supernet: Supernet, splits: Splits, cfg: ExperimentConfig, identity: dict[str, Any],
                  run_dir: Path, seed: int, device: torch.device, progress: bool, ctx: DistContext) -> None:
@@ -636,6 +639,7 @@ class _SupernetLoop(_Loop):
 class _RetrainLoop(_Loop):
     kind = "retrain"
     checkpoint_name = RETRAIN_CHECKPOINT
+    cudnn = "autotune"  # one arch: its few shapes are autotuned on the first step and reused by every other
 
     def __init__(self, model: nn.Module, splits: Splits, cfg: ExperimentConfig, identity: dict[str, Any],
                  run_dir: Path, seed: int, device: torch.device, progress: bool, ctx: DistContext) -> None:

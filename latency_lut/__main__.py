@@ -1,9 +1,11 @@
 """`python -m latency_lut {profile,validate,show,measure}`: build, check and read latency tables; time a model file.
 
     python -m latency_lut profile --space experiments/spaces/imagenet.yaml --device cpu [--threads 1] [--out FILE]
+    python -m latency_lut profile --space experiments/spaces/imagenet.yaml --device cuda --runtime cudagraph
     python -m latency_lut validate --lut FILE --space experiments/spaces/imagenet.yaml [--n 50] [--seed 0]
     python -m latency_lut show --lut FILE [--space SPACE.yaml] [--arch CODE]
     python -m latency_lut measure runs/.../winners/1-<arch>/model.onnx --device cpu [--json]
+    python -m latency_lut measure runs/.../winners/1-<arch>/model.pt2 --device cuda --runtime cudagraph
 
 Bad input (a missing or malformed space, an unknown or absent device, a dtype the device does not take, a table
 measured elsewhere, a corrupt table) ends with one `error: ...` line on stderr and exit code 2. An interrupted
@@ -49,16 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images per call (default 1)")
     p.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32 (cpu: not float16)")
-    p.add_argument("--runtime", choices=RUNTIMES, help="default: onnxruntime on cpu, eager on cuda")
+    p.add_argument("--runtime", choices=RUNTIMES, help="default: onnxruntime on cpu, eager on cuda; on cuda also "
+                                                        "cudagraph, ort-cuda, ort-tensorrt (launch-free at batch 1)")
     p.add_argument("--statistic", default="p50", choices=STATISTICS,
                    help="what the table predicts of a network: a percentile over every call (default p50)")
-    p.add_argument("--memory-format", default="contiguous", choices=MEMORY_FORMATS, help="eager only")
+    p.add_argument("--memory-format", default="contiguous", choices=MEMORY_FORMATS, help="eager and cudagraph only")
     p.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default 1000)")
     p.add_argument("--out", type=Path, help="table file (default: $SHUFFLENAS_HOME/luts/<space>-<device>-<runtime>-"
                                             "b<B>-t<T>-<dtype>-<statistic>.json, where search.py looks); an "
                                             "existing one is continued")
     p.add_argument("--allow-mismatch", action="store_true", help="continue a table measured with other settings")
-    p.add_argument("--method", choices=("insitu", "isolated"), help="insitu (eager default) or isolated")
+    p.add_argument("--method", choices=("insitu", "isolated"), help="insitu (eager default) or isolated (the only "
+                                                                      "one for the other runtimes)")
     p.add_argument("--rounds", type=_positive_int, default=5, help="interleaved rounds per op (default 5)")
     p.add_argument("--block-ms", type=float, default=30.0, help="target milliseconds per timed block (default 30)")
     p.add_argument("--group", type=_positive_int, default=16, help="probe networks timed together (default 16)")
@@ -80,9 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true", help="no progress bars")
 
     m = sub.add_parser("measure", help="time a model.onnx or model.pt2 as deployed, in a fresh process")
-    m.add_argument("file", type=Path, help="model.onnx (ONNX Runtime) or model.pt2 (torch.export, eager)")
+    m.add_argument("file", type=Path, help="model.onnx (ONNX Runtime) or model.pt2 (torch.export: eager or "
+                                            "cudagraph)")
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    m.add_argument("--runtime", choices=RUNTIMES, help="default: the file's (.onnx: onnxruntime, .pt2: eager)")
+    m.add_argument("--runtime", choices=RUNTIMES, help="default: the file's (.onnx: onnxruntime on cpu, ort-cuda on "
+                                                        "cuda; .pt2: eager); cudagraph and ort-tensorrt by name")
     m.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads (default 1)")
     m.add_argument("--batch-size", type=_positive_int, default=1, help="images per call (default 1)")
     m.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
@@ -178,7 +184,7 @@ def _measure(args: argparse.Namespace) -> int:
     from latency_lut.fingerprint import Fingerprint
     from latency_lut.timing import FILE_BUDGET, measure_file_fresh, runtime_of_file
 
-    runtime = args.runtime or runtime_of_file(args.file)
+    runtime = args.runtime or runtime_of_file(args.file, args.device)
     settings = Settings(runtime=runtime, batch_size=args.batch_size, threads=args.threads, dtype=args.dtype)
     budget = Budget(rounds=args.rounds, block_s=FILE_BUDGET.block_s, min_calls=FILE_BUDGET.min_calls,
                     max_calls=FILE_BUDGET.max_calls, warmup=FILE_BUDGET.warmup)

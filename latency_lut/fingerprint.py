@@ -6,8 +6,20 @@ loading a table checks it against the fingerprint of the machine in use (see `La
 Dtype policy: on CUDA every dtype runs the model converted with ``.to(dtype)`` (the same thing an exported half
 model runs; autocast would add casts between ops that an exported model does not have). On the CPU the eager
 runtime takes float32 and bfloat16 (oneDNN has bfloat16 kernels); float16 is refused there, because most CPUs run
-it through slow reference kernels and a table of those times describes no deployment. ONNX Runtime is measured on
-its CPU execution provider in float32 only.
+it through slow reference kernels and a table of those times describes no deployment. ONNX Runtime is measured in
+float32 only, on the execution provider its runtime names.
+
+Runtimes (`RUNTIMES`), each with the file a model ships as (`SHIPPED_FILES`):
+
+- ``eager`` (cpu, cuda): PyTorch op by op, `model.pt2` as its torch.export module.
+- ``onnxruntime`` (cpu): `model.onnx` on ONNX Runtime's CPUExecutionProvider.
+- ``cudagraph`` (cuda): `model.pt2`'s module captured once as a CUDA graph on static buffers; a call is one replay.
+  At batch 1 a small network on a GPU is bound by kernel launches (eager launches each op from Python), and a
+  graph replays them all with one launch.
+- ``ort-cuda`` (cuda): `model.onnx` on ONNX Runtime's CUDAExecutionProvider (the ``onnxruntime-gpu`` package,
+  the project's ``[gpu]`` extra), with its input and output bound to device memory.
+- ``ort-tensorrt`` (cuda): `model.onnx` on ONNX Runtime's TensorrtExecutionProvider (onnxruntime-gpu with the
+  TensorRT libraries), CUDA for what TensorRT does not take.
 """
 
 from __future__ import annotations
@@ -22,19 +34,64 @@ import torch
 from latency_lut.errors import LutError
 from search_space.layout import Geometry
 
-RUNTIMES = ("eager", "onnxruntime")
+RUNTIMES = ("eager", "onnxruntime", "cudagraph", "ort-cuda", "ort-tensorrt")
 STATISTICS = ("p50", "p90", "p99")
 # The file a model ships as for each runtime, which is what a latency promise is checked on.
-SHIPPED_FILES = {"eager": "model.pt2", "onnxruntime": "model.onnx"}
+SHIPPED_FILES = {"eager": "model.pt2", "onnxruntime": "model.onnx", "cudagraph": "model.pt2",
+                 "ort-cuda": "model.onnx", "ort-tensorrt": "model.onnx"}
+# ONNX Runtime's execution provider for each runtime that runs model.onnx.
+ORT_PROVIDERS = {"onnxruntime": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
+                 "ort-tensorrt": "TensorrtExecutionProvider"}
+CUDA_RUNTIMES = ("cudagraph", "ort-cuda", "ort-tensorrt")  # need a CUDA device
 
 
 def default_runtime(device: str | torch.device) -> str:
     """The runtime a device's models are deployed with unless one is named: ONNX Runtime on a CPU, eager on CUDA.
 
     At batch 1 on a CPU, eager PyTorch spends most of a small network's time dispatching operators; ONNX Runtime
-    runs the same network about 10x faster, and that is the runtime `model.onnx` ships for.
+    runs the same network about 10x faster, and that is the runtime `model.onnx` ships for. On CUDA, eager needs
+    nothing beyond torch and runs `model.pt2` as users load it; the launch-free runtimes are chosen by name
+    (cudagraph needs static input shapes in the serving code, ort-cuda and ort-tensorrt need onnxruntime-gpu).
     """
     return "onnxruntime" if str(device).strip().lower() == "cpu" else "eager"
+
+
+def is_ort(runtime: str) -> bool:
+    """Whether `runtime` runs model.onnx in ONNX Runtime (on the CPU or a GPU execution provider)."""
+    return runtime in ORT_PROVIDERS
+
+
+def ort_version() -> str:
+    """The installed onnxruntime's version.
+
+    Raises:
+        LutError: onnxruntime is not installed.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise LutError("runtime onnxruntime is not installed (pip install onnxruntime, or the project's [export] "
+                       "extra; onnxruntime-gpu, the [gpu] extra, for ort-cuda and ort-tensorrt)") from None
+    return str(onnxruntime.__version__)
+
+
+def check_runtime_installed(runtime: str) -> None:
+    """Refuse a runtime whose software is missing here, in one line that says what to install.
+
+    Raises:
+        LutError: onnxruntime missing, or an onnxruntime without the execution provider the runtime names (the
+            CPU-only package has no CUDAExecutionProvider).
+    """
+    if not is_ort(runtime):
+        return
+    version = ort_version()
+    import onnxruntime
+
+    provider, available = ORT_PROVIDERS[runtime], onnxruntime.get_available_providers()
+    if provider not in available:
+        raise LutError(f"runtime {runtime} needs ONNX Runtime's {provider}, and onnxruntime {version} here has only "
+                       f"{', '.join(available)}: install onnxruntime-gpu in place of onnxruntime (pip uninstall "
+                       f"onnxruntime; pip install 'shufflenas[gpu]')")
 DTYPES = ("float32", "float16", "bfloat16")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 
@@ -44,11 +101,12 @@ class Settings:
     """How ops and networks are run when measured.
 
     Attributes:
-        runtime: "eager" (PyTorch, inference mode) or "onnxruntime" (CPUExecutionProvider, sequential execution).
+        runtime: one of `RUNTIMES` (see the module docstring): "eager" (PyTorch, inference mode), "onnxruntime"
+            (CPUExecutionProvider, sequential execution), "cudagraph", "ort-cuda" or "ort-tensorrt" (CUDA only).
         batch_size: images per call.
         threads: intra-op threads (torch.set_num_threads, or ONNX Runtime's intra_op_num_threads).
         dtype: "float32", "float16" or "bfloat16" (see the module docstring for what each device accepts).
-        memory_format: "contiguous" (NCHW) or "channels_last" (eager only).
+        memory_format: "contiguous" (NCHW) or "channels_last" (eager and cudagraph only).
         num_classes: classifier outputs (part of the head op).
         statistic: what a network's latency means: "p50", "p90" or "p99" over every call of a measurement. The
             table's correction is fitted to it, and a budget promises it.
@@ -111,16 +169,23 @@ def check_settings(device: torch.device, settings: Settings) -> None:
     Raises:
         LutError: naming the device, runtime and dtype.
     """
-    if settings.runtime == "onnxruntime":
-        if device.type != "cpu":
-            raise LutError(f"runtime onnxruntime is measured on the CPU execution provider only, not on {device}")
-        if settings.dtype != "float32":
-            raise LutError(f"runtime onnxruntime: dtype {settings.dtype} is not supported, use float32")
-        if settings.memory_format != "contiguous":
-            raise LutError("runtime onnxruntime: memory format channels_last applies to the eager runtime only")
+    runtime = settings.runtime
     if device.type == "cpu" and settings.dtype == "float16":
         raise LutError("dtype float16 on cpu is refused: most CPUs run it through slow reference kernels, so the "
                        "table would describe no deployment; use float32 or bfloat16 on cpu, or a cuda device")
+    if runtime == "onnxruntime" and device.type != "cpu":
+        raise LutError(f"runtime onnxruntime is measured on the CPU execution provider only, not on {device} (on "
+                       f"CUDA: runtime ort-cuda, ort-tensorrt, cudagraph or eager)")
+    if runtime in CUDA_RUNTIMES and device.type != "cuda":
+        raise LutError(f"runtime {runtime} runs on a CUDA device only, not on {device} (on the cpu: runtime "
+                       f"onnxruntime or eager)")
+    if is_ort(runtime):
+        if settings.dtype != "float32":
+            raise LutError(f"runtime {runtime}: dtype {settings.dtype} is not supported, use float32")
+        if settings.memory_format != "contiguous":
+            raise LutError(f"runtime {runtime}: memory format channels_last applies to the eager and cudagraph "
+                           f"runtimes only")
+    check_runtime_installed(runtime)
 
 
 def cpu_name() -> str:
@@ -173,11 +238,7 @@ class Fingerprint:
             cuda, cudnn = torch.version.cuda or "", str(torch.backends.cudnn.version() or "")
         else:
             name, capability, cuda, cudnn = cpu_name(), "", "", ""
-        runtime_version = ""
-        if settings.runtime == "onnxruntime":
-            import onnxruntime
-
-            runtime_version = onnxruntime.__version__
+        runtime_version = ort_version() if is_ort(settings.runtime) else ""
         return cls(
             device_kind=dev.type,
             device_name=name,

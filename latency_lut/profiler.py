@@ -12,9 +12,11 @@ Two ways to time an op:
   isolated sums too (benchmarks/results/lut_cpu.md), but in-situ sums are right before any correction, their
   per-op figures are what an op costs in a network (`LatencyTable.breakdown`), and one probe forward times a
   dozen ops at once, so profiling takes about half as long. On CUDA the clock is a CUDA event between ops.
-- ``isolated`` (the only way for onnxruntime): each op is its own module, or its own ONNX Runtime session with its
-  input and output bound once; the ops of a group of probes are timed in interleaved rounds. ONNX Runtime's
-  per-run cost (the ``call`` op: an identity model) is subtracted from each op and counted once per network.
+- ``isolated`` (the only way for the runtimes other than eager): each op is its own module, its own ONNX Runtime
+  session with its input and output bound once (onnxruntime, ort-cuda, ort-tensorrt), or its own CUDA graph
+  (cudagraph); the ops of a group of probes are timed in interleaved rounds. The runtime's per-run cost (the
+  ``call`` op: an identity model, or a graph of one tiny copy) is subtracted from each op and counted once per
+  network: a network is one session run or one graph replay, whatever the number of its ops.
 
 Both use `timing.measure_interleaved` on groups of probes: rounds visit every probe (or op) of the group in a
 shuffled order, and an entry is the median of its fastest round. The allocator is pinned first
@@ -42,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from latency_lut.errors import LutError
-from latency_lut.fingerprint import Fingerprint, Settings, check_settings, resolve_device
+from latency_lut.fingerprint import Fingerprint, Settings, check_settings, is_ort, resolve_device
 from latency_lut.ops import (
     CallOverhead,
     OpSignature,
@@ -57,6 +59,7 @@ from latency_lut.table import Entry, LatencyTable
 from latency_lut.timing import (
     Budget,
     ChainRunner,
+    CudaGraphRunner,
     EagerRunner,
     OrtRunner,
     Runner,
@@ -85,7 +88,7 @@ def default_out(space: SearchSpace, device: str | torch.device, settings: Settin
 
 
 def default_method(settings: Settings) -> str:
-    return "isolated" if settings.runtime == "onnxruntime" else "insitu"
+    return "insitu" if settings.runtime == "eager" else "isolated"
 
 
 def profile(space: SearchSpace, out: str | Path, device: str | torch.device = "cpu",
@@ -99,7 +102,7 @@ def profile(space: SearchSpace, out: str | Path, device: str | torch.device = "c
         out: the table file; if it exists, its entries are kept and only missing ops are measured.
         device: "cpu", "cuda" or "cuda:N".
         settings: runtime, batch size, threads, dtype, memory format, classes (default `Settings()`).
-        method: "insitu" or "isolated" (default: insitu for eager, isolated for onnxruntime; see module doc).
+        method: "insitu" or "isolated" (default: insitu for eager, isolated for the others; see module doc).
         budget: rounds and block length per probe or op.
         group: probes timed together in interleaved rounds.
         allow_mismatch: continue a table whose fingerprint differs from this machine's.
@@ -149,8 +152,9 @@ def profile(space: SearchSpace, out: str | Path, device: str | torch.device = "c
             call = call_op(space.geometry)
             if call not in table:
                 session.add({call: _measure_call(space, dev, settings, budget, rng)})
-            # ONNX Runtime's per-run cost is in every op's session; a network pays it once (the call op).
-            ort_overhead_us = table.entries[call].median_us if settings.runtime == "onnxruntime" else 0.0
+            # A runtime's per-run cost (ONNX Runtime's run, a graph replay) is in every op's own session or graph;
+            # a network pays it once (the call op). Eager's call op is the forward's own overhead, not in any op.
+            call_overhead_us = table.entries[call].median_us if settings.runtime != "eager" else 0.0
             todo = {op for op in needed if op.kind != "call"}
             probes = probe_archs(space, todo)
             bar.reset(total=len(probes))
@@ -158,7 +162,7 @@ def profile(space: SearchSpace, out: str | Path, device: str | torch.device = "c
                 bar.set_postfix_str(f"ops {len(table)}/{len(all_ops)}", refresh=False)
                 chunk = probes[start:start + group]
                 found = measure_probes(space, chunk, todo, dev, settings, method, budget, rng, seed + start,
-                                       ort_overhead_us)
+                                       call_overhead_us)
                 session.add(found)
                 todo -= set(found)
                 bar.update(len(chunk))
@@ -174,8 +178,10 @@ def profile(space: SearchSpace, out: str | Path, device: str | torch.device = "c
 
 def measure_probes(space: SearchSpace, probes: Sequence[Arch], todo: set[OpSignature], device: torch.device,
                    settings: Settings, method: str, budget: Budget, rng: np.random.Generator, seed: int,
-                   ort_overhead_us: float = 0.0) -> dict[OpSignature, Entry]:
+                   call_overhead_us: float = 0.0) -> dict[OpSignature, Entry]:
     """Time the ops of `todo` found in `probes` (one group, interleaved rounds); returns their entries.
+
+    Isolated entries have `call_overhead_us` (the runtime's per-run cost, measured as the call op) taken off.
 
     An op found several times in the group (insitu) pools its occurrences: the entry's median is the median of
     the occurrences' estimates, its percentiles and count cover all their samples.
@@ -200,16 +206,20 @@ def measure_probes(space: SearchSpace, probes: Sequence[Arch], todo: set[OpSigna
             if op in todo and op not in chosen:
                 inputs = inputs or op_inputs(net, x)
                 xi = inputs[ops.index(op)].clone()  # a normal tensor (inference tensors cannot be traced)
-                if settings.runtime == "onnxruntime":
-                    chosen[op] = OrtRunner(export_onnx(module, xi), xi.numpy(), settings.threads)
+                if is_ort(settings.runtime):
+                    chosen[op] = OrtRunner(export_onnx(module, xi), xi.numpy(), settings.threads, settings.runtime,
+                                           device.index or 0)
+                elif settings.runtime == "cudagraph":
+                    chosen[op] = CudaGraphRunner(module, xi)
                 else:
                     chosen[op] = EagerRunner(module, xi)
     blocks = measure_interleaved(list(chosen.values()), budget, rng)
     out = {}
     for op, op_blocks in zip(chosen, blocks, strict=True):
         s = summarize(op_blocks)
-        out[op] = Entry(median_us=max(s.median_us - ort_overhead_us, 0.0), p10_us=max(s.p10_us - ort_overhead_us, 0.0),
-                        p90_us=max(s.p90_us - ort_overhead_us, 0.0), n=s.n)
+        c = call_overhead_us
+        out[op] = Entry(median_us=max(s.median_us - c, 0.0), p10_us=max(s.p10_us - c, 0.0),
+                        p90_us=max(s.p90_us - c, 0.0), n=s.n)
     return out
 
 
@@ -234,22 +244,27 @@ def _build(space: SearchSpace, probes: Sequence[Arch], device: torch.device, set
         torch.manual_seed(seed)
         for probe in probes:
             net = ShuffleNetV2(probe, g, num_classes=settings.num_classes).eval()
-            if settings.runtime == "eager":
+            if not is_ort(settings.runtime):  # ONNX Runtime's ops are exported from the CPU module
                 net = net.to(device=device, dtype=settings.torch_dtype, memory_format=fmt)
             nets.append(net)
         x = torch.randn(settings.batch_size, g.in_channels, g.input_size, g.input_size)
-    if settings.runtime == "eager":
+    if not is_ort(settings.runtime):
         x = x.to(device=device, dtype=settings.torch_dtype).contiguous(memory_format=fmt)
     return nets, x
 
 
 def _measure_call(space: SearchSpace, device: torch.device, settings: Settings, budget: Budget,
                   rng: np.random.Generator) -> Entry:
-    """The per-call overhead: ShuffleNetV2.forward without its ops (eager), or an identity session (onnxruntime)."""
+    """The per-call overhead: ShuffleNetV2.forward without its ops (eager), an identity session (ONNX Runtime's
+    runtimes) or a graph of one tiny copy (cudagraph: a graph must launch something)."""
     g = space.geometry
     x = torch.randn(settings.batch_size, g.in_channels, g.input_size, g.input_size)
-    if settings.runtime == "onnxruntime":
-        runner: Runner = OrtRunner(export_onnx(_Passthrough(), x), x.numpy(), settings.threads)
+    if is_ort(settings.runtime):
+        runner: Runner = OrtRunner(export_onnx(_Passthrough(), x), x.numpy(), settings.threads, settings.runtime,
+                                   device.index or 0)
+    elif settings.runtime == "cudagraph":
+        x = x.to(device=device, dtype=settings.torch_dtype).contiguous(memory_format=settings.torch_memory_format)
+        runner = CudaGraphRunner(_PassthroughCopy(), x)
     else:
         x = x.to(device=device, dtype=settings.torch_dtype).contiguous(memory_format=settings.torch_memory_format)
         runner = EagerRunner(CallOverhead(len(space.stages)).to(device), x)
@@ -264,6 +279,13 @@ class _Passthrough(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, :1, :1, :1]
+
+
+class _PassthroughCopy(torch.nn.Module):
+    """The smallest CUDA graph with the network's input: one kernel that copies a single element."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1, :1, :1].clone()
 
 
 def _open_table(out: Path, space: SearchSpace, fingerprint: Fingerprint, method: str,

@@ -10,11 +10,13 @@ quiet machine. A whole network's latency, what a budget promises, is a percentil
 (`Measurement.p50_ms`, `p90_ms`, `p99_ms`; `Settings.statistic` chooses), and a table's correction maps the sum of
 its entries to that percentile.
 
-Shipped files are measured as they are deployed (`measure_file`): `model.onnx` in ONNX Runtime, `model.pt2` as
-its torch.export module.
+Shipped files are measured as they are deployed (`measure_file`): `model.onnx` in ONNX Runtime (on the execution
+provider of the runtime), `model.pt2` as its torch.export module (eager), or that module captured as a CUDA graph
+(cudagraph).
 
 On CUDA a call is timed with events around it and a synchronize after it (one request at a time, as inference
-serves it); on the CPU with `time.perf_counter_ns`.
+serves it); ONNX Runtime on CUDA runs on its own stream, so its calls are timed on the host clock around the run and
+a device synchronize. On the CPU with `time.perf_counter_ns`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 
 from latency_lut.errors import LutError
-from latency_lut.fingerprint import SHIPPED_FILES, Settings, check_settings, resolve_device
+from latency_lut.fingerprint import ORT_PROVIDERS, SHIPPED_FILES, Settings, check_settings, is_ort, resolve_device
 
 _perf_ns = time.perf_counter_ns
 
@@ -227,30 +229,93 @@ class ChainRunner(Runner):
         return out
 
 
-class OrtRunner(Runner):
-    """An ONNX Runtime session with its input and output bound once (no copies per run)."""
+class CudaGraphRunner(Runner):
+    """A module captured once as a CUDA graph on static input and output buffers; a call is one replay.
 
-    def __init__(self, model: bytes | str | Path, x: np.ndarray, threads: int) -> None:
+    As `torch.cuda.graphs` prescribes: a few warm-up calls on a side stream (cuDNN plans, allocations), then the
+    capture, whose input and output tensors are the graph's fixed buffers. Replays are timed with CUDA events after
+    synchronising, like `EagerRunner` on CUDA.
+    """
+
+    def __init__(self, module: nn.Module | Any, x: torch.Tensor, warmup: int = 3) -> None:
+        if x.device.type != "cuda":
+            raise LutError(f"runtime cudagraph captures CUDA graphs: the input is on {x.device}, not on a cuda device")
+        self.module = module
+        self.x = x.clone()  # the graph's static input
+        self.graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(x.device)
+        side = torch.cuda.Stream(device=x.device)
+        try:
+            with torch.no_grad():
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    for _ in range(max(warmup, 1)):
+                        module(self.x)
+                current.wait_stream(side)
+                with torch.cuda.graph(self.graph):
+                    self.y = module(self.x)  # the graph's static output
+            torch.cuda.synchronize(x.device)
+        except RuntimeError as e:  # an op that synchronises or allocates on the host cannot be captured
+            raise LutError(f"runtime cudagraph: the model cannot be captured as a CUDA graph "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def time(self, calls: int) -> np.ndarray:
+        out = np.empty(calls)
+        replay, start, end = self.graph.replay, self.start, self.end
+        for i in range(calls):
+            start.record()
+            replay()
+            end.record()
+            end.synchronize()
+            out[i] = start.elapsed_time(end) / 1e3
+        return out
+
+
+class OrtRunner(Runner):
+    """An ONNX Runtime session with its input and output bound once (no copies per run).
+
+    On the CPU the buffers are host memory; on CUDA (runtimes ort-cuda and ort-tensorrt) they are device memory on
+    `device_index`, so a call moves no data between host and device, and each call ends with a device synchronize.
+    """
+
+    def __init__(self, model: bytes | str | Path, x: np.ndarray, threads: int, runtime: str = "onnxruntime",
+                 device_index: int = 0) -> None:
         import onnxruntime as ort
 
-        self.session = ort_session(model, threads)
+        self.session = ort_session(model, threads, runtime, device_index)
+        self.cuda = runtime != "onnxruntime"
+        self.device_index = device_index
+        where = ("cuda", device_index) if self.cuda else ("cpu", 0)
         self.x = np.ascontiguousarray(x)
-        self.value = ort.OrtValue.ortvalue_from_numpy(self.x)  # shares self.x's memory: both are kept alive here
+        # On the CPU the value shares self.x's memory (both are kept alive here); on CUDA it is a device copy.
+        self.value = ort.OrtValue.ortvalue_from_numpy(self.x, *where)
         self.binding = self.session.io_binding()
         self.binding.bind_ortvalue_input(self.session.get_inputs()[0].name, self.value)
         for output in self.session.get_outputs():
-            self.binding.bind_output(output.name, "cpu")
+            self.binding.bind_output(output.name, *where)
         self.session.run_with_iobinding(self.binding)  # let ORT allocate the outputs once, then reuse them
         for output, value in zip(self.session.get_outputs(), self.binding.get_outputs(), strict=True):
             self.binding.bind_ortvalue_output(output.name, value)
+        if self.cuda:
+            torch.cuda.synchronize(device_index)
 
     def time(self, calls: int) -> np.ndarray:
         out = np.empty(calls)
         clock, run, binding = _perf_ns, self.session.run_with_iobinding, self.binding
-        for i in range(calls):
-            t = clock()
-            run(binding)
-            out[i] = clock() - t
+        if self.cuda:
+            synchronize, index = torch.cuda.synchronize, self.device_index
+            for i in range(calls):
+                t = clock()
+                run(binding)
+                synchronize(index)  # ORT's CUDA stream is not torch's: wait for the device, not for one stream
+                out[i] = clock() - t
+        else:
+            for i in range(calls):
+                t = clock()
+                run(binding)
+                out[i] = clock() - t
         return out * 1e-9
 
 
@@ -377,8 +442,16 @@ def export_onnx(module: nn.Module, x: torch.Tensor) -> bytes:
         logger.setLevel(level)
 
 
-def ort_session(model: bytes | str | Path, threads: int) -> Any:
-    """An ONNX Runtime session on the CPU execution provider: `threads` intra-op threads, sequential execution."""
+def ort_session(model: bytes | str | Path, threads: int, runtime: str = "onnxruntime", device_index: int = 0) -> Any:
+    """An ONNX Runtime session: `threads` intra-op threads, sequential execution, on the runtime's provider.
+
+    onnxruntime: CPUExecutionProvider. ort-cuda: CUDAExecutionProvider on `device_index` (ops it lacks on the CPU).
+    ort-tensorrt: TensorrtExecutionProvider, then CUDA, then the CPU for what the one before does not take.
+
+    Raises:
+        LutError: a file ONNX Runtime cannot load, or a provider that did not start (ONNX Runtime falls back to the
+            next provider silently when, say, the CUDA or TensorRT libraries are missing: that is refused here).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -387,12 +460,26 @@ def ort_session(model: bytes | str | Path, threads: int) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    cuda = ("CUDAExecutionProvider", {"device_id": device_index})
+    providers: list[Any] = {
+        "onnxruntime": ["CPUExecutionProvider"],
+        "ort-cuda": [cuda, "CPUExecutionProvider"],
+        "ort-tensorrt": [("TensorrtExecutionProvider", {"device_id": device_index}), cuda, "CPUExecutionProvider"],
+    }[runtime]
     source = model if isinstance(model, bytes) else str(model)
+    where = "model bytes" if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        with warnings.catch_warnings():  # a provider this build lacks: refused below, in one line
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(source, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, NoSuchFile, ...)
-        where = "model bytes" if isinstance(model, bytes) else str(model)
         raise LutError(f"{where}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+    wanted = ORT_PROVIDERS[runtime]
+    if session.get_providers()[0] != wanted:
+        raise LutError(f"runtime {runtime}: ONNX Runtime did not start {wanted} for {where} (it runs on "
+                       f"{', '.join(session.get_providers())}); are the CUDA, cuDNN or TensorRT libraries that "
+                       f"onnxruntime {ort.__version__} needs installed?")
+    return session
 
 
 # ---- end to end --------------------------------------------------------------------------------------------------
@@ -410,23 +497,27 @@ def input_shape_for(input_shape: Sequence[int], settings: Settings) -> tuple[int
 
 def make_runner(model: nn.Module | str | Path, shape: tuple[int, ...], device: torch.device,
                 settings: Settings, seed: int = 0) -> Runner:
-    """A runner for a whole model under `settings`: eager on `device`, or ONNX Runtime on an .onnx file or an export.
+    """A runner for a whole model under `settings`: eager or a captured CUDA graph on `device`, or ONNX Runtime (on
+    the runtime's provider) on an .onnx file or an export.
 
     The model is put in eval mode and, for eager, moved to the device, dtype and memory format (in place).
     """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator)
-    if settings.runtime == "onnxruntime":
+    if is_ort(settings.runtime):
         if isinstance(model, nn.Module):
             model = export_onnx(model, x)
         elif not Path(model).is_file():
             raise LutError(f"{model}: no such ONNX file")
-        return OrtRunner(model, x.numpy(), settings.threads)
+        return OrtRunner(model, x.numpy(), settings.threads, settings.runtime, device.index or 0)
     if not isinstance(model, nn.Module):
-        raise LutError(f"{model}: the eager runtime measures a torch module, not a file (use runtime onnxruntime)")
+        raise LutError(f"{model}: the {settings.runtime} runtime measures a torch module here, not a file (a "
+                       f"shipped file: measure_file)")
     fmt = settings.torch_memory_format
     model.eval().to(device=device, dtype=settings.torch_dtype, memory_format=fmt)
     x = x.to(device=device, dtype=settings.torch_dtype).contiguous(memory_format=fmt)
+    if settings.runtime == "cudagraph":
+        return CudaGraphRunner(model, x)
     return EagerRunner(model, x)
 
 
@@ -435,9 +526,10 @@ def measure_model(model: nn.Module | str | Path, input_shape: Sequence[int], dev
     """Time a whole model end to end, with the statistic the tables use.
 
     Args:
-        model: a torch module (eager, or exported for onnxruntime) or the path of an .onnx file (onnxruntime).
+        model: a torch module (eager, cudagraph, or exported for ONNX Runtime's runtimes) or the path of an .onnx
+            file (onnxruntime, ort-cuda, ort-tensorrt).
         input_shape: (C, H, W), or (N, C, H, W) with N equal to `settings.batch_size`.
-        device: "cpu", "cuda" or "cuda:N" (onnxruntime: cpu only).
+        device: "cpu", "cuda" or "cuda:N" (onnxruntime: cpu only; cudagraph, ort-cuda, ort-tensorrt: cuda only).
         settings: runtime, threads, dtype, memory format, batch size.
         repeats: interleaved rounds; overrides `budget.rounds`.
         budget: calls per round and warm-up (default: blocks of at least 0.2 s, 3 to 50 calls).
@@ -485,12 +577,18 @@ def measure_model_fresh(model: nn.Module, input_shape: Sequence[int], device: st
 FILE_BUDGET = Budget(rounds=5, block_s=0.2, min_calls=20, max_calls=200, warmup=10)
 
 
-def runtime_of_file(path: str | Path) -> str:
-    """The runtime that executes a shipped file, from its suffix (.onnx: onnxruntime, .pt2: eager)."""
+def runtime_of_file(path: str | Path, device: str | torch.device = "cpu") -> str:
+    """The runtime that executes a shipped file on `device` unless one is named, from its suffix.
+
+    .pt2: eager. .onnx: onnxruntime on the CPU, ort-cuda on CUDA. The other runtimes of a file
+    (`SHIPPED_FILES`) are chosen by name.
+    """
     suffix = Path(path).suffix
-    for runtime, name in SHIPPED_FILES.items():
-        if Path(name).suffix == suffix:
-            return runtime
+    cuda = str(device).strip().lower().startswith("cuda")
+    if suffix == ".onnx":
+        return "ort-cuda" if cuda else "onnxruntime"
+    if suffix == ".pt2":
+        return "eager"
     raise LutError(f"{path}: not a shipped model file (expected one of {sorted(set(SHIPPED_FILES.values()))})")
 
 
@@ -501,19 +599,12 @@ def file_input_shape(path: str | Path, settings: Settings) -> tuple[int, ...]:
         LutError: no such file, a file the runtime does not run, or one whose input cannot take that batch.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LutError(f"{path}: no such model file")
-    runtime = runtime_of_file(path)
-    if runtime != settings.runtime:
-        raise LutError(f"{path}: a {path.suffix} file runs in {runtime}, not in runtime {settings.runtime} "
-                       f"(the {settings.runtime} runtime measures {SHIPPED_FILES[settings.runtime]})")
-    if runtime == "onnxruntime":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise LutError("runtime onnxruntime is not installed (pip install onnxruntime, or the project's "
-                           "[export] extra)") from None
-        dims = list(ort_session(path, 1).get_inputs()[0].shape)
+    check_file_runtime(path, settings)
+    if is_ort(settings.runtime):
+        from latency_lut.fingerprint import ort_version
+
+        ort_version()  # one line when onnxruntime is missing
+        dims = list(ort_session(path, 1).get_inputs()[0].shape)  # read on the CPU provider, which every build has
         low, high = (settings.batch_size, settings.batch_size) if not isinstance(dims[0], int) else (dims[0],) * 2
     else:
         dims, low, high = _program_input(path)
@@ -525,6 +616,24 @@ def file_input_shape(path: str | Path, settings: Settings) -> tuple[int, ...]:
         fixed = f"batch {low}" if low == high else f"batches {low}-{high}"
         raise LutError(f"{path}: takes {fixed}, not --batch-size {settings.batch_size}")
     return (settings.batch_size, *dims[1:])
+
+
+def check_file_runtime(path: str | Path, settings: Settings) -> None:
+    """Refuse a missing file, or one that `settings.runtime` does not run (without loading it).
+
+    Raises:
+        LutError: naming the file and the runtimes that run it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LutError(f"{path}: no such model file")
+    runtime = runtime_of_file(path)  # refuses a file that is not a shipped model
+    expected = SHIPPED_FILES[settings.runtime]
+    if Path(expected).suffix != path.suffix:
+        others = [r for r, name in SHIPPED_FILES.items() if Path(name).suffix == path.suffix and r != runtime]
+        raise LutError(f"{path}: a {path.suffix} file runs in {runtime}, not in runtime {settings.runtime} (the "
+                       f"{settings.runtime} runtime measures {expected}; a {path.suffix} file also runs in "
+                       f"{', '.join(others)})")
 
 
 def _program_input(path: Path) -> tuple[list[Any], int, int]:
@@ -553,15 +662,18 @@ def _load_program(path: Path) -> Any:
 
 
 def file_runner(path: str | Path, device: torch.device, settings: Settings, seed: int = 0) -> Runner:
-    """A runner for a shipped file: model.onnx in ONNX Runtime, model.pt2 as its torch.export module."""
+    """A runner for a shipped file: model.onnx in ONNX Runtime (on the runtime's provider), model.pt2 as its
+    torch.export module (eager) or that module captured as a CUDA graph (cudagraph)."""
     shape = file_input_shape(path, settings)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    if settings.runtime == "onnxruntime":
-        return OrtRunner(path, x.numpy(), settings.threads)
+    if is_ort(settings.runtime):
+        return OrtRunner(path, x.numpy(), settings.threads, settings.runtime, device.index or 0)
     module = _load_program(Path(path)).module()  # exported in eval mode; .eval() is not supported on it
     fmt = settings.torch_memory_format
     module.to(device=device, dtype=settings.torch_dtype)
     x = x.to(device=device, dtype=settings.torch_dtype).contiguous(memory_format=fmt)
+    if settings.runtime == "cudagraph":
+        return CudaGraphRunner(module, x)
     return EagerRunner(module, x)
 
 
@@ -584,7 +696,9 @@ def measure_file(path: str | Path, device: str | torch.device, settings: Setting
 def measure_file_fresh(path: str | Path, device: str | torch.device, settings: Settings,
                        budget: Budget = FILE_BUDGET, seed: int = 0) -> Measurement:
     """`measure_file` in a fresh process (see `measure_model_fresh` for why); its errors are raised here."""
-    file_input_shape(path, settings)  # bad input is reported from here, before a process starts
+    check_file_runtime(path, settings)  # bad input is reported from here, before a process starts
+    check_settings(resolve_device(device), settings)
+    file_input_shape(path, settings)
     with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_context()) as pool:
         return pool.submit(measure_file, str(path), str(device), settings, budget, seed).result()
 
