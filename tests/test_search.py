@@ -127,7 +127,7 @@ def test_whole_run_produces_every_artifact(config, lut, loose, tmp_path, capsys)
     assert len((out / "trials.csv").read_text().splitlines()) == 1 + 3
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "eager"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("eager", marks=pytest.mark.slow)])
 def test_a_real_measurement_rejects_what_an_optimistic_table_promised(config, lut, lut_eager, bounds, tmp_path,
                                                                       capsys, monkeypatch, runtime):
     """The table is scaled down until it puts every arch within a budget that most archs measure over, and nothing
@@ -597,7 +597,7 @@ def test_run_dir_of_another_experiment(config, lut, loose, tmp_path, capsys):
 # ---- other searchers ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("searcher", ["optuna", "ray"])
+@pytest.mark.parametrize("searcher", ["optuna", pytest.param("ray", marks=pytest.mark.slow)])
 def test_supernet_replicas_score_candidates_by_their_mean(config, lut, loose, tmp_path, capsys, searcher):
     """With supernet.replicas: 2 both searchers score a candidate by the mean over the two trained supernets."""
     if searcher == "ray":
@@ -641,6 +641,7 @@ def test_ray_searcher_end_to_end_with_its_progress_line(config, lut, loose, tmp_
     assert len(winner_cards(tmp_path / "run")) == 1
 
 
+@pytest.mark.slow  # .ci/run runs it
 def test_ray_asha_mode_trains_candidates_from_scratch_without_a_supernet(config, lut, loose, tmp_path, capsys):
     pytest.importorskip("ray")
     store = tmp_path / "store"

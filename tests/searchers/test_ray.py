@@ -38,6 +38,7 @@ class TestRayContract(SearcherContract):
                            seed=seed, progress=False, **kw)
 
 
+@pytest.mark.slow  # a minute or more: .ci/run runs it
 def test_asha_mode_trains_and_stops_early(tiny_space, predictor, tmp_path):
     """Every arch trains (the target does not bind); ASHA stops the weaker ones before asha_epochs."""
     import optuna
@@ -67,6 +68,7 @@ def test_asha_refuses_multi_objective(tiny_space, predictor, target, tmp_path):
                     objectives="multi", run_dir=tmp_path)
 
 
+@pytest.mark.slow  # a minute or more: .ci/run runs it
 def test_interrupted_experiment_resumes_where_it_stopped(tiny_space, predictor, target, tmp_path):
     """Ctrl-C a search midway (in its own process); the same search here restores it and runs only the rest."""
     import optuna
