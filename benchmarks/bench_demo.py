@@ -71,14 +71,14 @@ def run_phase(phase: str, target: str | None, clone: Path, home: Path) -> dict:
     env = {**os.environ, "SHUFFLENAS_HOME": str(home)}
     if target is None:
         command = ["make", "demo"]
-        run_dir = clone / "runs" / f"fashion_mnist-quick-cpu-onnxruntime-{REFERENCE}-p50-s0"
     else:
         command = [".venv/bin/python", "search.py", "--target-ms", target, "--device", "cpu", "--preset", "quick"]
-        run_dir = clone / "runs" / f"fashion_mnist-quick-cpu-onnxruntime-{target}-p50-s0"
+    before = set((clone / "runs").glob("*")) if (clone / "runs").exists() else set()
     print(f"[{phase}] {' '.join(command)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=clone, env=env)
     wall = time.perf_counter() - start
+    (run_dir,) = (set((clone / "runs").glob("*")) - before) or _run_dir_of(clone, target)
     steps = json.loads((run_dir / "steps.json").read_text())
     winners = []
     for card_path in sorted((run_dir / "winners").rglob("model_card.json")):
@@ -94,8 +94,15 @@ def run_phase(phase: str, target: str | None, clone: Path, home: Path) -> dict:
                         "test_accuracy": card["test_accuracy"], "params": card["params"]})
     report = (run_dir / "report.md").read_text()
     rejected = report.count("| before training |") + report.count("| after training |")
-    return {"command": " ".join(command), "exit": done.returncode, "wall_s": round(wall, 1), "steps": steps,
+    return {"command": " ".join(command), "exit": done.returncode, "wall_s": round(wall, 1),
+            "steps_s": round(sum(v for k, v in steps.items() if k != "ship: retraining"), 1), "steps": steps,
             "winners": winners, "rejected": rejected, "binds": "does not bind" not in report}
+
+
+def _run_dir_of(clone: Path, target: str | None) -> list[Path]:
+    """The run directory of a rerun phase (it exists already): the one whose run.json names its budgets."""
+    want = REFERENCE if target is None else ",".join(t.removeprefix("1x") for t in target.split(","))
+    return [p for p in (clone / "runs").glob("*") if json.loads((p / "run.json").read_text())["targets"] == want]
 
 
 def markdown(state: dict) -> str:
@@ -107,14 +114,16 @@ def markdown(state: dict) -> str:
         f"{state.get('machine')}. Latency: p50 over every call of `model.onnx` in ONNX Runtime, one thread, "
         "batch 1, measured in a fresh process.",
         "",
-        "| phase | command | wall s | lut | target | supernet | calibrate | search | ship (retraining) | report | "
-        "binds | rejected |",
+        "| phase | command | wall s (steps) | lut | target | supernet | calibrate | search | ship (retraining) | "
+        "report | binds | rejected |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, p in phases.items():
         s = p["steps"]
+        total = sum(v for k, v in s.items() if k != "ship: retraining")
         lines.append(
-            f"| {name} | `{p['command']}` | {p['wall_s']:.0f} | {s.get('lut', 0):.0f} | {s.get('target', 0):.0f} | "
+            f"| {name} | `{p['command']}` | {p['wall_s']:.0f} ({total:.0f}) | {s.get('lut', 0):.0f} | "
+            f"{s.get('target', 0):.0f} | "
             f"{s.get('supernet', 0):.1f} | {s.get('calibrate', 0):.0f} | {s.get('search', 0):.0f} | "
             f"{s.get('ship', 0):.0f} ({s.get('ship: retraining', 0):.0f}) | {s.get('report', 0):.0f} | "
             f"{'yes' if p['binds'] else 'no'} | {p['rejected']} |")
@@ -127,8 +136,9 @@ def markdown(state: dict) -> str:
                          f"{w['measured_ms']:.3f} | {w['remeasured_ms']:.3f} | {agree:+.1%} | "
                          f"{100 * w['test_accuracy']:.2f}% |")
     if {"second", "family"} <= set(phases):
-        def without_retraining(p: dict) -> float:
-            return p["wall_s"] - p["steps"].get("ship: retraining", 0.0)
+        def without_retraining(p: dict) -> float:  # the steps' own times, kept across a resumed phase
+            return sum(v for k, v in p["steps"].items() if k != "ship: retraining") - p["steps"].get(
+                "ship: retraining", 0.0)
 
         ratio = without_retraining(phases["family"]) / without_retraining(phases["second"])
         lines += ["", f"A family of three budgets costs {ratio:.2f}x one budget on the same data, retraining "

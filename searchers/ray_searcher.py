@@ -232,7 +232,11 @@ class RaySearcher(Searcher):
 
     def _init_ray(self) -> None:
         import ray
-        from ray.exceptions import AuthenticationError
+        import ray.exceptions
+
+        # Ray raises AuthenticationError for a refused token where it has one (token clusters, 2.5x); older ones only
+        # ConnectionError.
+        AuthenticationError = getattr(ray.exceptions, "AuthenticationError", ConnectionError)  # noqa: N806
 
         if ray.is_initialized():
             return

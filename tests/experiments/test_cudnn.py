@@ -9,7 +9,7 @@ import torch
 
 import experiments.train as train_module
 from experiments.cudnn import MODES, cudnn_mode
-from experiments.train import retrain, train_supernet
+from experiments.training import retrain, train_supernet
 from search_space import Supernet
 
 
