@@ -181,8 +181,6 @@ def validate(lut: str | Path, space: SearchSpace, n: int = 50, seed: int = 0, ca
 
     measured = measure_archs(space, archs, device, settings, budget, seed, progress)
     measured_us = np.array([m.value(settings.statistic) for m in measured]) * 1e3  # what the table predicts
-    spread = np.array([m.noise for m in measured])
-    halves = np.array([_half_disagreement(m) for m in measured])
 
     order = rng.permutation(len(archs))
     n_cal = int(round(calibrate_frac * len(archs)))
@@ -198,40 +196,10 @@ def validate(lut: str | Path, space: SearchSpace, n: int = 50, seed: int = 0, ca
                             loss=loss)
     corrected_us = correction.apply_us(raw_us)
 
-    report: dict[str, Any] = {
-        "table": str(lut),
-        "space": space.name,
-        "fingerprint": table.fingerprint.to_dict(),
-        "fingerprint_differences": differences,
-        "n": len(archs),
-        "statistic": settings.statistic,
-        "seed": seed,
-        "budget": asdict(budget),
-        "allocator": pin_allocator(),
-        "correction": asdict(correction),
-        "held_out": asdict(metrics(corrected_us[held_out], measured_us[held_out])),
-        "held_out_uncorrected": asdict(metrics(raw_us[held_out], measured_us[held_out])),
-        "calibration": asdict(metrics(corrected_us[calibrate], measured_us[calibrate])) if n_cal > 1 else None,
-        "noise": {
-            "round_spread_median": float(np.median(spread)),
-            "round_spread_p90": float(np.percentile(spread, 90)),
-            "repeatability_median": float(np.median(halves)),
-            "repeatability_p90": float(np.percentile(halves, 90)),
-        },
-        "archs": [
-            {
-                "arch": arch.encode(),
-                "role": "calibrate" if i in set(calibrate.tolist()) else "held_out",
-                "measured_ms": float(measured_us[i] / 1e3),
-                "predicted_ms": float(corrected_us[i] / 1e3),
-                "uncorrected_ms": float(raw_us[i] / 1e3),
-                **{f"{k}_ms": measured[i].value(k) for k in ("p50", "p90", "p99")},
-                "round_spread": float(spread[i]),
-                "repeatability": float(halves[i]),
-            }
-            for i, arch in enumerate(archs)
-        ],
-    }
+    report = {"table": str(lut), "space": space.name, "fingerprint": table.fingerprint.to_dict(),
+              "fingerprint_differences": differences, "n": len(archs), "statistic": settings.statistic, "seed": seed,
+              "budget": asdict(budget), "allocator": pin_allocator(), "correction": asdict(correction),
+              **_accuracy(archs, measured, measured_us, raw_us, corrected_us, calibrate, held_out)}
     report["seconds"] = round(time.perf_counter() - started, 1)
     out_dir = Path(report_dir) if report_dir is not None else lut.parent
     stem = f"validate-{lut.stem}"
@@ -243,6 +211,39 @@ def validate(lut: str | Path, space: SearchSpace, n: int = 50, seed: int = 0, ca
         table.correction = correction
         table.save(lut)
     return report
+
+
+def _accuracy(archs: list[Arch], measured: list[Measurement], measured_us: np.ndarray, raw_us: np.ndarray,
+              corrected_us: np.ndarray, calibrate: np.ndarray, held_out: np.ndarray) -> dict[str, Any]:
+    """The report's figures: held-out error before and after the correction, the noise, and every arch's row."""
+    spread = np.array([m.noise for m in measured])
+    halves = np.array([_half_disagreement(m) for m in measured])
+    roles = set(calibrate.tolist())
+    return {
+        "held_out": asdict(metrics(corrected_us[held_out], measured_us[held_out])),
+        "held_out_uncorrected": asdict(metrics(raw_us[held_out], measured_us[held_out])),
+        "calibration": asdict(metrics(corrected_us[calibrate], measured_us[calibrate])) if len(calibrate) > 1
+        else None,
+        "noise": {
+            "round_spread_median": float(np.median(spread)),
+            "round_spread_p90": float(np.percentile(spread, 90)),
+            "repeatability_median": float(np.median(halves)),
+            "repeatability_p90": float(np.percentile(halves, 90)),
+        },
+        "archs": [
+            {
+                "arch": arch.encode(),
+                "role": "calibrate" if i in roles else "held_out",
+                "measured_ms": float(measured_us[i] / 1e3),
+                "predicted_ms": float(corrected_us[i] / 1e3),
+                "uncorrected_ms": float(raw_us[i] / 1e3),
+                **{f"{k}_ms": measured[i].value(k) for k in ("p50", "p90", "p99")},
+                "round_spread": float(spread[i]),
+                "repeatability": float(halves[i]),
+            }
+            for i, arch in enumerate(archs)
+        ],
+    }
 
 
 def _half_disagreement(m: Measurement) -> float:
