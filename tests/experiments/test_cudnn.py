@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-import experiments.train as train_module
+import experiments.training as train_module
 from experiments.cudnn import MODES, cudnn_mode
 from experiments.training import retrain, train_supernet
 from search_space import Supernet
