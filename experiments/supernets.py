@@ -55,10 +55,8 @@ class SupernetEntry:
 
 def supernet_identity(space: SearchSpace, cfg: ExperimentConfig, num_classes: int, seed: int) -> dict[str, Any]:
     """What one supernet depends on, as `train_supernet` records it in its checkpoint."""
-    from experiments.training import _data_identity
-
     return {"kind": "supernet", "space": space_to_dict(space), "num_classes": num_classes,
-            "data": _data_identity(cfg.data), "recipe": cfg.supernet.identity(), "seed": seed}
+            "data": cfg.data.identity(), "recipe": cfg.supernet.identity(), "seed": seed}
 
 
 def entry_for(store: Path, space: SearchSpace, cfg: ExperimentConfig, num_classes: int, seed: int,
