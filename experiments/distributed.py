@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -206,12 +206,7 @@ class Crew:
         if not self.ctx.is_main:
             self._wait(["go"])
             return
-        for rank in range(1, self.ctx.world_size):
-            key = self._wait([f"ready/{rank}", f"left/{rank}"])
-            if key.startswith("left/"):
-                raise CrewError(f"rank {rank} stopped (exit code {int(keys.get(key))}) before the job started; its "
-                                f"own message says why")
-            theirs = json.loads(keys.get(key))
+        for rank, theirs in self._answers(lambda r: f"ready/{r}", "before the job started"):
             if theirs != status:
                 differ = sorted(k for k in status.keys() | theirs.keys() if status.get(k) != theirs.get(k))
                 raise CrewError(f"rank {rank} loaded another experiment than rank 0 (it differs in "
@@ -262,12 +257,7 @@ class Crew:
         n = self._orders
         keys.set(f"order/{n}", json.dumps({"do": do, **args}))
         self._orders += 1
-        for rank in range(1, self.ctx.world_size):
-            key = self._wait([f"took/{n}/{rank}", f"left/{rank}"])
-            if key.startswith("left/"):
-                raise CrewError(f"rank {rank} stopped (exit code {int(keys.get(key))}) and cannot {do}; its own "
-                                f"message says why")
-            theirs = json.loads(keys.get(key))
+        for rank, theirs in self._answers(lambda r: f"took/{n}/{r}", f"and cannot {do}"):
             if theirs != sees:
                 raise CrewError(f"{do}: rank {rank} sees {theirs} where rank 0 sees {sees}: every rank must see the "
                                 f"same files (on several machines, put the run directory and the supernet store on "
@@ -298,6 +288,19 @@ class Crew:
         if self._keys is None or not self._keys.check(["exit"]):
             return None
         return int(self._keys.get("exit"))
+
+    def _answers(self, key_of: Callable[[int], str], instead: str) -> Iterator[tuple[int, Any]]:
+        """Each follower's answer under `key_of(rank)`, in rank order; a follower that left instead is refused.
+
+        Raises:
+            CrewError: naming the rank, its exit code and what it did not do (`instead`).
+        """
+        for rank in range(1, self.ctx.world_size):
+            key = self._wait([key_of(rank), f"left/{rank}"])
+            if key.startswith("left/"):
+                raise CrewError(f"rank {rank} stopped (exit code {int(self._keys.get(key))}) {instead}; its own "
+                                f"message says why")
+            yield rank, json.loads(self._keys.get(key))
 
     def _wait(self, keys: list[str]) -> str:
         """The first of `keys` to be set, polling; on a follower, raises Dismissed once rank 0 has ended the job."""
