@@ -141,7 +141,7 @@ class RequeueDeadTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         retries = int(trial.user_attrs.get("retries", 0)) + 1
-        if not trial.params or retries > MAX_RETRIES:  # nothing chosen yet, or it keeps killing its workers
+        if "arch" not in trial.user_attrs or retries > MAX_RETRIES:  # died while choosing, or keeps killing workers
             return
         study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number),
                                                             "retries": retries})

@@ -27,6 +27,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
+from ray.tune.search import Searcher as TuneSearcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from search_space import Arch, SearchSpace  # noqa: E402
@@ -99,7 +100,32 @@ class _RecordingOptunaSearch(OptunaSearch):
 
     The study is the record of the search (Ray's result grid ignores the constraint), so what a trial's record
     needs is written there, before the trial is told complete.
+
+    It also keeps the study's total exact: it suggests nothing more once the study's complete trials and this
+    driver's live ones make `n_trials`. A restored experiment's sample count dates from its last save, and trials the
+    lost driver started after that save would otherwise be added again. Trials left RUNNING by a lost driver, which
+    this one does not run, are failed (only the driver writes a Ray search's study).
     """
+
+    def __init__(self, *args: Any, n_trials: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._n_trials = n_trials
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        cap = getattr(self, "_n_trials", None)  # None: an experiment saved without it
+        if trial_id not in self._ot_trials and cap is not None and self._taken() >= cap:
+            return TuneSearcher.FINISHED
+        return super().suggest(trial_id)
+
+    def _taken(self) -> int:
+        live = {t._trial_id for tid, t in self._ot_trials.items() if tid not in self._completed_trials}  # noqa: SLF001
+        taken = 0
+        for t in self._ot_study.get_trials(deepcopy=False):
+            if t.state == optuna.trial.TrialState.RUNNING and t._trial_id not in live:  # noqa: SLF001
+                self._ot_study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
+            else:
+                taken += t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        return taken
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # A restored experiment reruns a trial that the study had finished before Ray saved its state: the study
@@ -277,10 +303,7 @@ class RaySearcher(Searcher):
             raise KeyboardInterrupt
 
     def _new_tuner(self, n_trials: int, trainable: Any, storage_path: Path, name: str) -> tune.Tuner:
-        study = self._study()
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            # Only the driver tells the study; a driver that died left these, and Ray did not save them.
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
+        study = self._study()  # RUNNING trials of a driver that died are failed by the search's first suggestion
         multi = self.objectives == "multi"
         metric: Any = ["accuracy", "latency"] if multi else "accuracy"
         mode: Any = ["max", "min"] if multi else "max"
@@ -291,7 +314,7 @@ class RaySearcher(Searcher):
         search = _RecordingOptunaSearch(
             space=self._define, metric=metric, mode=mode, sampler=make_sampler(self.sampler, self.seed),
             study_name=self.study_name, storage=self._storage(), seed=self.seed,
-            points_to_evaluate=points or None,
+            points_to_evaluate=points or None, n_trials=n_trials,
         )
         scheduler = None
         if self.mode == "asha":

@@ -154,12 +154,12 @@ def job_config(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def job_lut(tmp_path_factory) -> Path:
-    """A calibrated CPU table of the tiny space."""
+    """A calibrated table of the tiny space in search.py's default CPU runtime, ONNX Runtime."""
     from latency_lut import Settings, profile, validate
 
-    path = tmp_path_factory.mktemp("lut") / "tiny.json"
+    path = tmp_path_factory.mktemp("lut") / "tiny-onnxruntime.json"
     space = SearchSpace.from_yaml(TINY)
-    profile(space, path, "cpu", Settings(num_classes=10), progress=False)
+    profile(space, path, "cpu", Settings(runtime="onnxruntime", num_classes=10), progress=False)
     validate(path, space, n=6, calibrate_frac=0.5, progress=False)
     return path
 

@@ -46,11 +46,18 @@ def test_interrupted_search_resumes_to_exactly_n_trials(tiny_space, predictor, t
     assert _searcher(tiny_space, predictor, target, tmp_path).run(12).trials == result.trials  # already finished
 
 
-def test_trial_of_a_killed_process_is_requeued(tiny_space, predictor, target, tmp_path):
+@pytest.mark.parametrize("decided", [True, False], ids=["arch decided", "died while choosing"])
+def test_trial_of_a_killed_process_is_failed_and_its_arch_run_again(tiny_space, predictor, target, tmp_path,
+                                                                     decided):
+    from searchers.objective import suggest_arch
+
     searcher = _searcher(tiny_space, predictor, target, tmp_path)
     study = searcher.study()
     trial = study.ask()
-    trial.suggest_categorical("stem.width", [8, 12])
+    if decided:
+        trial.set_user_attr("arch", suggest_arch(tiny_space, trial).encode())
+    else:
+        trial.suggest_categorical("stem.width", [8, 12])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
 
@@ -61,6 +68,11 @@ def test_trial_of_a_killed_process_is_requeued(tiny_space, predictor, target, tm
     result = searcher.run(5)
     assert sum(t.state == "COMPLETE" for t in result.trials) == 5
     assert not any(t.state == "RUNNING" for t in result.trials)
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == trial.number]
+    if decided:  # the same arch, run to the end
+        assert [(t.state.name, t.params) for t in retries] == [("COMPLETE", study.trials[trial.number].params)]
+    else:  # half an arch is no arch: the slot goes to a fresh sample
+        assert retries == []
 
 
 def test_live_trials_of_other_workers_are_left_alone(tiny_space, predictor, target, tmp_path):

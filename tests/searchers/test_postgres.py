@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from conftest import ROOT, job_env, search_command
 
 from searchers.optuna_searcher import open_database
@@ -65,7 +66,7 @@ def _worker_script(url: str, folder: Path, target: float, n_trials: int, seconds
 
 def _wait_for_running_trial(url: str, pid: int, name: str = "shufflenas",
                             timeout: float = 240) -> optuna.trial.FrozenTrial:
-    """The first RUNNING trial of process `pid` once it has completed one trial before."""
+    """The first RUNNING trial of process `pid` whose arch is decided, once it has completed one trial before."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -74,7 +75,7 @@ def _wait_for_running_trial(url: str, pid: int, name: str = "shufflenas",
             time.sleep(0.2)
             continue
         mine = [t for t in study.trials if t.system_attrs.get("shufflenas:worker", {}).get("pid") == pid]
-        running = [t for t in mine if t.state.name == "RUNNING" and t.params]
+        running = [t for t in mine if t.state.name == "RUNNING" and "arch" in t.user_attrs]
         if running and any(t.state.name == "COMPLETE" for t in mine):
             return running[0]
         time.sleep(0.05)
@@ -131,8 +132,19 @@ def test_two_search_py_processes_share_one_postgres_study(pg_url, job_config, jo
         assert sum(",COMPLETE," in r for r in rows) == 8
 
 
-def test_search_py_worker_killed_mid_trial_then_rerun(pg_url, job_config, job_lut, job_target, tmp_path):
+@pytest.fixture
+def slow_trials_config(job_config, tmp_path) -> Path:
+    """The tiny job with trials of about a second (evaluation two images at a time), long enough to be killed in."""
+    raw = yaml.safe_load(job_config.read_text())
+    raw["evaluate"].update(batch_size=2, bn_calibration_images=128)
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_search_py_worker_killed_mid_trial_then_rerun(pg_url, slow_trials_config, job_lut, job_target, tmp_path):
     """kill -9 one search.py mid-trial; a second one recovers its trial at once; the rerun of the first finishes."""
+    job_config = slow_trials_config
     command = search_command(job_config, job_lut, job_target, tmp_path / "machine1", "--storage", pg_url,
                              "--trials", "6")
     victim = subprocess.Popen(command, cwd=tmp_path, env=job_env(), stderr=subprocess.DEVNULL)
