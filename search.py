@@ -55,6 +55,7 @@ MAX_SEARCH_ROUNDS = 3  # a search rerun with a tighter table target when no cand
 VERDICT_TRIES = 3  # measurements at most before a candidate is called over the budget
 RETRY_BAND = 1.6  # ... when the first one is over it by less than this factor
 FAMILY_TRIALS = 1.5  # a family of budgets searches once, with this many times the trials of one budget
+CALIBRATE_WINDOW = 0.25  # an arch measured before calibrates for a budget when predicted within this share of it
 MEASURE_BUDGET = None  # None: latency_lut.FILE_BUDGET (hundreds of calls per measurement); tests shrink it
 RUN_FILE = "run.json"
 
@@ -231,6 +232,7 @@ class Run:
     steps: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     crew: Crew | None = None  # this process among torchrun's; None: a single process
+    fine_tune_from: tuple[Any, str] | None = None  # retrain.from_supernet: the supernet winners start from, its path
 
     @property
     def ctx(self) -> DistContext:
@@ -407,12 +409,19 @@ def cached(path: Path, here: dict[str, Any]) -> dict[str, Any] | None:
 # ---- lut ----------------------------------------------------------------------------------------------------------
 
 
+def table_path(run: Run, space, settings) -> Path:
+    """The latency table's file: --lut, or the shared cache's table for this device and settings."""
+    from latency_lut import default_out
+
+    return run.job.lut or default_out(space, run.device, settings)
+
+
 def latency_table(run: Run, space, settings):
     """Load the device's table, or profile (resumable) and calibrate a new one."""
-    from latency_lut import LatencyTable, default_out, profile, validate
+    from latency_lut import LatencyTable, profile, validate
 
     mismatch = run.job.allow_lut_mismatch
-    path = run.job.lut or default_out(space, run.device, settings)
+    path = table_path(run, space, settings)
     if path.exists():
         # A table measured elsewhere is refused here (unless --allow-lut-mismatch), before it is extended.
         table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=mismatch)
@@ -461,6 +470,32 @@ def measure_model(run: Run, model: torch.nn.Module, settings, purpose: str = "ve
         return measure_shipped(run, export_shipped(model, run.runtime, Path(folder)), settings)
 
 
+def measured_archs(run: Run, space, settings):
+    """This machine's whole-arch measurements kept beside the table (`latency_lut.MeasuredArchs`).
+
+    The measurements that do not decide shipping (a reference, the calibration archs) go there: every later run with
+    the same table on the same machine reads them instead of measuring again. (Delete `<table>-measured.json` to
+    have them measured again.)
+    """
+    from latency_lut import MeasuredArchs
+
+    return MeasuredArchs(table_path(run, space, settings), machine(run, settings))
+
+
+def measure_arch(run: Run, space, arch, settings, num_classes: int, purpose: str,
+                 shared) -> tuple[dict[str, Any], bool]:
+    """An arch's shipped-file measurement on this machine: from `shared` (True: taken earlier), or taken now (False;
+    the caller keeps it in `shared` once it is sure of it). The network is built with the run's seed; latency does
+    not depend on its weights."""
+    record = shared.get(arch.encode(), num_classes)
+    if record is not None:
+        return record, True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.cfg.seed)
+        model = space.build(arch, num_classes)
+    return {**measure_model(run, model, settings, purpose=purpose).summary(), "purpose": purpose}, False
+
+
 def verdict(run: Run, measure_once: Callable[[], Any], target_ms: float) -> dict[str, Any]:
     """A measurement that decides shipping: the lowest of up to VERDICT_TRIES, taken while it is over the budget.
 
@@ -482,7 +517,8 @@ def verdict(run: Run, measure_once: Callable[[], Any], target_ms: float) -> dict
 
 
 def resolve_targets(run: Run, space, settings, num_classes: int) -> list[float]:
-    """Each budget in milliseconds; a reference arch is exported and measured now (kept in targets.json)."""
+    """Each budget in milliseconds; a reference arch is exported and measured on this machine (kept in targets.json,
+    and beside the table for every later run on this machine)."""
     from search_space.files import atomic_write
 
     refs = {t.reference for t in run.job.targets if t.reference is not None}
@@ -494,15 +530,16 @@ def resolve_targets(run: Run, space, settings, num_classes: int) -> list[float]:
     path = run.run_dir / "targets.json"
     data = cached(path, here)
     if data is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(run.cfg.seed)
-            model = space.build(known[name], num_classes)
-        m = measure_model(run, model, settings, purpose="reference")
-        data = {"reference": name, "arch": known[name].encode(), "measured": {"ms": m.value(run.statistic),
-                **m.summary()}, "machine": here}
+        shared = measured_archs(run, space, settings)
+        record, earlier = measure_arch(run, space, known[name], settings, num_classes, "reference", shared)
+        if not earlier:
+            shared.put(known[name].encode(), num_classes, record)
+        data = {"reference": name, "arch": known[name].encode(),
+                "measured": {"ms": record[f"{run.statistic}_ms"], **record}, "earlier": earlier, "machine": here}
         atomic_write(path, lambda f: json.dump(data, f, indent=1))
     ms = data["measured"]["ms"]
-    run.notes.append(f"{name} measured {ms:.3f} ms ({run.statistic}, {run.runtime}) on this device now; the "
+    when = "by an earlier run with this table" if data.get("earlier") else "now"
+    run.notes.append(f"{name} measured {ms:.3f} ms ({run.statistic}, {run.runtime}) on this device {when}; the "
                      f"budgets are multiples of that")
     return [t.factor * ms for t in run.job.targets]
 
@@ -562,15 +599,38 @@ def supernets_step(run: Run, space, splits) -> tuple[list, list[str]]:
 # ---- calibrate ----------------------------------------------------------------------------------------------------
 
 
+def calibration_picks(space, table, binding: Sequence[float], count: int, seed: int,
+                      measured: dict[str, Any]) -> list[tuple[Any, float]]:
+    """`count` archs (and their predictions) just under the binding budgets, where their winners will be, shared
+    out between the budgets. Among the archs close enough to a budget (CALIBRATE_WINDOW), the ones this machine
+    has measured before come first, so a repeated or nearby budget measures nothing new."""
+    from search_space import Arch
+
+    rng = np.random.default_rng(seed)
+    sampled = (space.sample(rng) for _ in range(2000))
+    pool = list({a.encode(): a for a in [*sampled, *(Arch.decode(c) for c in sorted(measured))]}.values())
+    predicted = table.predict_many(pool)
+    known = np.array([a.encode() in measured for a in pool])
+    picks: list[int] = []
+    for i, target in enumerate(binding):
+        share = max(count // len(binding) + (i < count % len(binding)), 1)
+        distance = np.abs(predicted - 0.95 * target)
+        near = distance <= CALIBRATE_WINDOW * target
+        order = np.lexsort((distance, ~(near & known), ~near))  # near and measured, near, then the rest
+        picks += [int(j) for j in order if j not in picks][:share]
+    return [(pool[j], float(predicted[j])) for j in picks]
+
+
 def calibrate_now(run: Run, space, table, settings, num_classes: int, targets: Sequence[float],
                   binds: Sequence[bool]) -> tuple[Any, dict]:
-    """Rescale the table to what the device measures now near the budgets.
+    """Rescale the table to what the device measures near the budgets.
 
-    The table was profiled and corrected earlier (maybe another day, under another load); the archs that matter are
-    the ones near the budgets, so `latency.calibrate_archs` of them are exported and their shipped file timed now
-    (each in a fresh process) and the table's predictions are multiplied by the lowest measured / predicted ratio.
-    Kept in RUN_DIR/calibration.json with the measuring machine: a resumed run on the same machine reuses it.
-    Nothing is measured when `latency.calibrate_archs` is 0 or no budget binds.
+    The table was profiled and corrected earlier (maybe under another load); the archs that matter are the ones near
+    the budgets, so `latency.calibrate_archs` of them have their shipped file timed on this machine (each in a fresh
+    process), and the table's predictions are multiplied by the lowest measured / predicted ratio. The measurements
+    are kept beside the table (`measure_arch`), so a later budget near one measured before reuses them; the result
+    is kept in RUN_DIR/calibration.json with the measuring machine, for a resumed run. Nothing is measured when
+    `latency.calibrate_archs` is 0 or no budget binds.
 
     Raises:
         UsageError: at that ratio not even the fastest arch meets the smallest budget (nothing is stored then).
@@ -585,33 +645,32 @@ def calibrate_now(run: Run, space, table, settings, num_classes: int, targets: S
     if data is None and (count == 0 or not binding):
         return table, {"ratio": 1.0, "archs": []}
     if data is None:
-        rng = np.random.default_rng(run.cfg.seed)
-        pool = list({a.encode(): a for a in (space.sample(rng) for _ in range(2000))}.values())
-        predicted = table.predict_many(pool)
-        picks: list[int] = []
-        for i, target in enumerate(binding):  # just under each budget, where its winners will be
-            share = count // len(binding) + (i < count % len(binding))
-            order = [j for j in np.argsort(np.abs(predicted - 0.95 * target)) if j not in picks]
-            picks += order[:max(share, 1)]
-        rows = []
-        for n, i in enumerate(picks, start=1):
-            m = measure_model(run, space.build(pool[i], num_classes), settings, purpose="calibrate")
-            rows.append({"arch": pool[i].encode(), "predicted_ms": float(predicted[i]),
-                         "measured_ms": m.value(run.statistic)})
-            print(f"  calibrate {n}/{len(picks)}: predicted {predicted[i]:.3f} ms, measured "
-                  f"{rows[-1]['measured_ms']:.3f} ms", file=sys.stderr, flush=True)
+        shared = measured_archs(run, space, settings)
+        picks = calibration_picks(space, table, binding, count, run.cfg.seed, shared.all(num_classes))
+        rows, new = [], {}
+        for n, (arch, predicted) in enumerate(picks, start=1):
+            record, earlier = measure_arch(run, space, arch, settings, num_classes, "calibrate", shared)
+            if not earlier:
+                new[arch.encode()] = record
+            rows.append({"arch": arch.encode(), "predicted_ms": predicted,
+                         "measured_ms": record[f"{run.statistic}_ms"], "earlier": earlier})
+            print(f"  calibrate {n}/{len(picks)}: predicted {predicted:.3f} ms, measured "
+                  f"{rows[-1]['measured_ms']:.3f} ms{' (earlier)' if earlier else ''}", file=sys.stderr, flush=True)
         # A shared machine only ever adds time, in phases that can last seconds: the lowest ratio is the one least
         # touched by them.
         ratio = float(min(r["measured_ms"] / r["predicted_ms"] for r in rows))
         data = {"ratio": ratio, "archs": rows, "machine": here}
         fastest = table.min_latency(space) * ratio
         if fastest > min(binding):  # not stored: a rerun measures again, when the machine may be quieter
-            measured = [r["measured_ms"] for r in rows]
+            measured_ms = [r["measured_ms"] for r in rows]
+            predicted_ms = [r["predicted_ms"] for r in rows]
             raise UsageError(
                 f"budget {min(binding):.3f} ms cannot be met as the device measures now: {len(rows)} archs the table "
-                f"puts at {min(predicted[picks]):.2f}-{max(predicted[picks]):.2f} ms measured {min(measured):.2f}-"
-                f"{max(measured):.2f} ms (at least {ratio:.2f}x), so the fastest arch would take {fastest:.2f} ms; "
+                f"puts at {min(predicted_ms):.2f}-{max(predicted_ms):.2f} ms measured {min(measured_ms):.2f}-"
+                f"{max(measured_ms):.2f} ms (at least {ratio:.2f}x), so the fastest arch would take {fastest:.2f} ms; "
                 f"raise --target-ms, or rerun when the machine is quieter (the trained supernet is kept)")
+        for code, record in new.items():
+            shared.put(code, num_classes, record)
         atomic_write(path, lambda f: json.dump(data, f, indent=1))
     return table.scaled(data["ratio"]), data
 
@@ -741,9 +800,11 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
     code = arch.encode()
     start = time.perf_counter()
     if run.crew is not None:
-        order = {"do": "retrain", "arch": code, "run_dir": str(run.run_dir / "retrain" / code)}
+        order = {"do": "retrain", "arch": code, "run_dir": str(run.run_dir / "retrain" / code),
+                 "supernet": run.fine_tune_from[1] if run.fine_tune_from else None}
         run.crew.order(**order, sees=sees(order))
-    trained = retrain(space, arch, splits, run.cfg, run.run_dir / "retrain" / code, device=run.device, ctx=run.ctx)
+    trained = retrain(space, arch, splits, run.cfg, run.run_dir / "retrain" / code, device=run.device, ctx=run.ctx,
+                      init_from=run.fine_tune_from[0] if run.fine_tune_from else None)
     run.steps["ship: retraining"] = run.steps.get("ship: retraining", 0.0) + time.perf_counter() - start
     model = trained.model.cpu().eval()  # exported and measured from the CPU; the child moves it to the device
     staging = run.run_dir / "winners" / ".staging" / f"{label or 'run'}-{code}"
@@ -800,6 +861,9 @@ def run_job(job: Job, crew: Crew | None = None) -> Path:
     binds = run.step("check", lambda: check_budgets(table, space, targets, run))
     asha = cfg.search.searcher == "ray" and cfg.search.ray_mode == "asha"
     supernets, supernet_paths = None, []
+    if asha and cfg.retrain.from_supernet:
+        raise UsageError(f"{cfg.source}: retrain.from_supernet is true, but Ray Tune with ASHA trains no supernet "
+                         f"(set search.ray_mode: supernet, or retrain.from_supernet: false)")
     if asha:  # candidates are trained from scratch: no supernet to train
         run.notes.append(f"Ray Tune with ASHA: each candidate trained from scratch for up to "
                          f"{cfg.search.asha_epochs} epoch(s); no supernet")
@@ -809,6 +873,10 @@ def run_job(job: Job, crew: Crew | None = None) -> Path:
                          + ", ".join(f"`{p}`" for p in supernet_paths))
         if len(supernets) > 1:
             run.notes.append(f"each candidate scored by the mean of {len(supernets)} supernet replicas")
+        if cfg.retrain.from_supernet:
+            run.fine_tune_from = (supernets[0], supernet_paths[0])
+            run.notes.append(f"the winners were fine-tuned from the weights of `{supernet_paths[0]}` "
+                             f"(retrain.from_supernet), not trained from scratch")
     table, calibration = run.step("calibrate", lambda: calibrate_now(run, space, table, settings, splits.num_classes,
                                                                      targets, binds))
     if calibration["archs"]:
@@ -870,7 +938,7 @@ def follow(run: Run, space, splits) -> NoReturn:
     its alone); it posts an order just before it starts that training itself, and every rank trains in the same
     folder (one file system: the run directory and the supernet store must be shared between machines)."""
     from experiments.distributed import Dismissed
-    from experiments.supernets import train_entry
+    from experiments.supernets import given_supernets, train_entry
     from experiments.training import retrain
 
     crew = run.crew
@@ -882,8 +950,10 @@ def follow(run: Run, space, splits) -> NoReturn:
                             progress=False, ctx=run.ctx)
             elif order["do"] == "retrain":
                 arch = type(space.largest()).decode(order["arch"])
+                init = given_supernets([order["supernet"]], space, run.cfg, splits.num_classes)[0].to(run.device) \
+                    if order.get("supernet") else None
                 retrain(space, arch, splits, run.cfg, Path(order["run_dir"]), device=run.device, progress=False,
-                        ctx=run.ctx)
+                        ctx=run.ctx, init_from=init)
             else:
                 raise ValueError(f"rank {run.ctx.rank}: unknown order from rank 0: {order}")
         except BaseException:
@@ -990,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line. Under torchrun, on every rank: each prints its own bad input (one line, exit code 2); rank
     0's exit code, whatever ends it, ends the other ranks with the same code."""
     from experiments.distributed import Crew, Dismissed, context_from_env, shutdown
+    from searchers.base import SearchFailed
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -1008,6 +1079,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: config, data, device, table, target
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         code = 2
+    except SearchFailed as e:  # trials that failed for good: the study keeps the others
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     finally:
         if crew is not None:
             crew.finish(code)

@@ -21,6 +21,7 @@ from latency_lut.fingerprint import (
     default_runtime,
     resolve_device,
 )
+from latency_lut.measured import MeasuredArchs
 from latency_lut.ops import OpSignature, arch_ops, enumerate_ops, probe_archs
 from latency_lut.profiler import default_out, profile
 from latency_lut.table import Contribution, Correction, Entry, LatencyTable
@@ -49,6 +50,7 @@ __all__ = [
     "FingerprintMismatch",
     "LatencyTable",
     "LutError",
+    "MeasuredArchs",
     "Measurement",
     "MissingEntry",
     "OpSignature",

@@ -119,20 +119,12 @@ def profile(space: SearchSpace, out: str | Path, device: str | torch.device = "c
     """
     settings = settings or Settings()
     dev = resolve_device(device)
-    check_settings(dev, settings)
-    method = method or default_method(settings)
-    if method not in METHODS:
-        raise LutError(f"method {method!r} is not one of {list(METHODS)}")
-    if method == "insitu" and settings.runtime != "eager":
-        raise LutError(f"method insitu times ops inside an eager network; runtime {settings.runtime} needs isolated")
-    if group < 1:
-        raise LutError(f"group {group} must be at least 1")
+    method = _checked_method(dev, settings, method, group)
     budget = budget or DEFAULT_BUDGET
     out = Path(out)
     fingerprint = Fingerprint.current(dev, settings, space.geometry)
     table = _open_table(out, space, fingerprint, method, allow_mismatch)
-    all_ops = enumerate_ops(space)
-    needed = [op for op in all_ops if op not in table]
+    needed = [op for op in enumerate_ops(space) if op not in table]
     allocator = pin_allocator()
     table.info.update(method=method, budget=asdict(budget), group=group, complete=not needed, allocator=allocator)
     spaces = table.info.setdefault("spaces", [])
@@ -141,8 +133,32 @@ def profile(space: SearchSpace, out: str | Path, device: str | torch.device = "c
     if not needed:
         table.save(out)
         return table
-
     session = _Session(table, out, save_every_s)
+    try:
+        _measure_needed(space, session, needed, dev, settings, method, budget, group, progress, seed)
+    finally:
+        session.close()
+    return table
+
+
+def _checked_method(device: torch.device, settings: Settings, method: str | None, group: int) -> str:
+    """The profiling method for `settings` (given or the runtime's default), after checking the arguments."""
+    check_settings(device, settings)
+    method = method or default_method(settings)
+    if method not in METHODS:
+        raise LutError(f"method {method!r} is not one of {list(METHODS)}")
+    if method == "insitu" and settings.runtime != "eager":
+        raise LutError(f"method insitu times ops inside an eager network; runtime {settings.runtime} needs isolated")
+    if group < 1:
+        raise LutError(f"group {group} must be at least 1")
+    return method
+
+
+def _measure_needed(space: SearchSpace, session: _Session, needed: Sequence[OpSignature], device: torch.device,
+                    settings: Settings, method: str, budget: Budget, group: int, progress: bool, seed: int) -> None:
+    """Measure the `needed` ops into the session's table: the call op first, then probe archs `group` at a time."""
+    table = session.table
+    total = len(table) + len(needed)
     # Probes take similar times while the ops they add vary (early ones add more), so the bar counts probes.
     bar = tqdm(total=1, unit="probe", desc=f"profile {space.name}", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
@@ -151,7 +167,7 @@ def profile(space: SearchSpace, out: str | Path, device: str | torch.device = "c
         with thread_count(settings.threads), _sigterm_as_interrupt():
             call = call_op(space.geometry)
             if call not in table:
-                session.add({call: _measure_call(space, dev, settings, budget, rng)})
+                session.add({call: _measure_call(space, device, settings, budget, rng)})
             # A runtime's per-run cost (ONNX Runtime's run, a graph replay) is in every op's own session or graph;
             # a network pays it once (the call op). Eager's call op is the forward's own overhead, not in any op.
             call_overhead_us = table.entries[call].median_us if settings.runtime != "eager" else 0.0
@@ -159,21 +175,19 @@ def profile(space: SearchSpace, out: str | Path, device: str | torch.device = "c
             probes = probe_archs(space, todo)
             bar.reset(total=len(probes))
             for start in range(0, len(probes), group):
-                bar.set_postfix_str(f"ops {len(table)}/{len(all_ops)}", refresh=False)
+                bar.set_postfix_str(f"ops {len(table)}/{total}", refresh=False)
                 chunk = probes[start:start + group]
-                found = measure_probes(space, chunk, todo, dev, settings, method, budget, rng, seed + start,
+                found = measure_probes(space, chunk, todo, device, settings, method, budget, rng, seed + start,
                                        call_overhead_us)
                 session.add(found)
                 todo -= set(found)
                 bar.update(len(chunk))
-            bar.set_postfix_str(f"ops {len(table)}/{len(all_ops)}")
+            bar.set_postfix_str(f"ops {len(table)}/{total}")
             if todo:
                 raise LutError(f"profiling left {len(todo)} op(s) unmeasured, e.g. {min(todo)}")
             table.info["complete"] = True
     finally:
         bar.close()
-        session.close()
-    return table
 
 
 def measure_probes(space: SearchSpace, probes: Sequence[Arch], todo: set[OpSignature], device: torch.device,

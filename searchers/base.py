@@ -63,6 +63,11 @@ class ClusterUnavailable(ValueError):
     """The Ray cluster cannot be joined: nothing answers at the address, or the cluster refuses this driver."""
 
 
+class SearchFailed(RuntimeError):
+    """Trials failed for good (their retries spent): not bad input, but what the user needs is one line saying
+    which trial failed and where its log is; the study keeps what finished, and the same command continues."""
+
+
 @dataclass(frozen=True)
 class TrialRecord:
     """One trial as every searcher records it (a row of trials.csv)."""

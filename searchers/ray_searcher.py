@@ -36,6 +36,7 @@ from searchers.base import (  # noqa: E402
     EvaluatorFactory,
     LatencyPredictor,
     Searcher,
+    SearchFailed,
     SearchResult,
     TrainerFactory,
 )
@@ -297,7 +298,11 @@ class RaySearcher(Searcher):
             tuner = self._new_tuner(n_trials, trainable, storage_path, name)
         grid = tuner.fit()
         if grid.errors:
-            raise RuntimeError(f"{len(grid.errors)} Ray trial(s) failed; the first: {grid.errors[0]!r}")
+            first = grid.errors[0]
+            first = getattr(first, "cause", None) or first  # a worker's exception comes wrapped in Ray's
+            raise SearchFailed(f"{len(grid.errors)} Ray trial(s) failed after {self.max_failures} retries; the first: "
+                               f"{type(first).__name__}: {' '.join(str(first).split())[:300]} (Ray's logs: "
+                               f"{storage_path / name}); rerun the same command to retry them")
         if self.completed() < n_trials:
             # Tune stops on Ctrl-C after saving the experiment, and returns: the search is not done, say so.
             raise KeyboardInterrupt

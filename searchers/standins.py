@@ -68,3 +68,16 @@ class CostEvaluatorFactory:
 class CostTrainerFactory(CostEvaluatorFactory):
     def __call__(self) -> CostTrainer:  # type: ignore[override]
         return CostTrainer(SearchSpace.from_yaml(self.space_path))
+
+
+class BrokenEvaluatorFactory(CostEvaluatorFactory):
+    """Builds an evaluator that fails on every arch: a search whose trials fail for good."""
+
+    def __call__(self) -> CostEvaluator:
+        evaluator = super().__call__()
+
+        def evaluate(arch: Arch) -> float:
+            raise MemoryError(f"{arch.encode()}: out of memory while scoring")
+
+        evaluator.evaluate = evaluate  # type: ignore[method-assign]
+        return evaluator

@@ -16,13 +16,11 @@ import torch
 import yaml
 
 import search
-from latency_lut import LatencyTable, Settings, measure_file, profile, validate
+from latency_lut import LatencyTable, MeasuredArchs, Settings, measure_file, profile, validate
 from latency_lut.timing import Budget, Measurement
 from search_space import Arch, SearchSpace
+from tests.tiny_job import TINY, tiny_job_config, tiny_table
 
-ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC = ROOT / "experiments" / "synthetic.yaml"
-TINY = ROOT / "experiments" / "spaces" / "tiny.yaml"
 # Measurements of a few hundred milliseconds: the tests check what is measured and decided, not how precisely.
 QUICK = Budget(rounds=2, block_s=0.01, min_calls=3, max_calls=20, warmup=2)
 
@@ -35,36 +33,18 @@ def quick_measurements(monkeypatch):
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
     """The synthetic experiment, cut to the bone so a whole run takes seconds."""
-    folder = tmp_path_factory.mktemp("config")
-    raw = yaml.safe_load(SYNTHETIC.read_text())
-    raw["space"] = str(TINY)
-    raw["data"]["synthetic_size"] = 256
-    raw["supernet"].update(epochs=1)
-    raw["retrain"].update(epochs=1)
-    raw["evaluate"].update(bn_calibration_images=32)
-    raw["search"].update(trials=3, top_k=1)
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _table(folder: Path, runtime: str) -> Path:
-    path = folder / f"tiny-{runtime}.json"
-    space = SearchSpace.from_yaml(TINY)
-    profile(space, path, "cpu", Settings(runtime=runtime, num_classes=10), progress=False)
-    validate(path, space, n=6, calibrate_frac=0.5, progress=False)
-    return path
+    return tiny_job_config(tmp_path_factory.mktemp("config"))
 
 
 @pytest.fixture(scope="module")
 def lut(tmp_path_factory) -> Path:
     """A calibrated ONNX Runtime table of the tiny space (the default runtime on a CPU), shared by this module."""
-    return _table(tmp_path_factory.mktemp("lut"), "onnxruntime")
+    return tiny_table(tmp_path_factory.mktemp("lut"), "onnxruntime")
 
 
 @pytest.fixture(scope="module")
 def lut_eager(tmp_path_factory) -> Path:
-    return _table(tmp_path_factory.mktemp("lut"), "eager")
+    return tiny_table(tmp_path_factory.mktemp("lut"), "eager")
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +122,15 @@ def test_a_real_measurement_rejects_what_an_optimistic_table_promised(config, lu
     table = LatencyTable.load(source)
     monkeypatch.setattr(Evaluator, "evaluate", lambda self, arch: table.predict(arch))
     slowest = table.max_latency(space)
-    # The budget is the smallest arch's latency as the device measures it now (the table may have been profiled
-    # under another load), plus 10%: the bigger archs measure over it.
-    small = search.export_shipped(space.build(space.smallest(), 10), runtime, tmp_path / "smallest")
+    # The budget lies 30% of the way from the smallest arch's latency to the largest's, as the device measures them
+    # now (the table may have been profiled under another load), each the lowest of interleaved measurements so
+    # that load touches both alike: the slow archs, which score best, measure over it.
     settings = Settings(runtime=runtime, num_classes=10)
-    now = min(measure_file(small, "cpu", settings, QUICK).p50_ms for _ in range(3))
-    target = round(1.05 * now, 4)
+    files = [search.export_shipped(space.build(arch, 10), runtime, tmp_path / name)
+             for name, arch in (("smallest", space.smallest()), ("largest", space.largest()))]
+    small, large = (min(ms) for ms in zip(*[[measure_file(f, "cpu", settings, QUICK).p50_ms for f in files]
+                                            for _ in range(3)], strict=True))
+    target = round(small + 0.3 * (large - small), 4)
     optimistic = tmp_path / "optimistic.json"
     table.scaled(0.9 * target / slowest).save(optimistic)  # every arch is predicted within it
     raw = yaml.safe_load(config.read_text())
@@ -237,6 +220,30 @@ def test_a_budget_relative_to_a_reference_is_measured_now(config, lut, tmp_path,
     assert card["target_ms"] == pytest.approx(1.5 * stored["measured"]["ms"])
     assert card["measured_ms"] <= card["target_ms"]
     assert "largest measured" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_winners_are_fine_tuned_from_the_supernet_when_the_recipe_says_so(config, lut, loose, tmp_path, capsys,
+                                                                           monkeypatch):
+    from experiments import training
+
+    raw = yaml.safe_load(config.read_text())
+    raw["retrain"]["from_supernet"] = True
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    started = []
+    real = training.retrain
+
+    def recording(space, arch, *args, init_from=None, **kwargs):
+        started.append(init_from.extract(arch).state_dict() if init_from is not None else None)
+        return real(space, arch, *args, init_from=init_from, **kwargs)
+
+    monkeypatch.setattr(training, "retrain", recording)
+    code, err = run(base_args(cfg, lut, loose, tmp_path / "run"), capsys)
+    assert code == 0, err
+    assert started and all(weights is not None for weights in started)
+    (card,) = winner_cards(tmp_path / "run")
+    assert card["recipe"]["from_supernet"] is True
+    assert "fine-tuned from the weights of" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_several_budgets_give_winners_for_each_within_its_own(config, lut, tmp_path, capsys):
@@ -403,6 +410,7 @@ class Scripted:
     trained alike, n from 0); calibration and references measure what the table predicts times `calibrate`."""
 
     def __init__(self, lut: Path, verdict, calibrate: float = 1.0) -> None:
+        self.path = lut
         self.table = LatencyTable.load(lut)
         self.verdict = verdict
         self.calibrate = calibrate
@@ -425,6 +433,8 @@ class Scripted:
         return _measured(self.verdict(code, n))
 
     def install(self, monkeypatch) -> Scripted:
+        """Measure with this stand-in, from a clean slate: no measurements kept beside the table by other tests."""
+        MeasuredArchs(self.path, {}).path.unlink(missing_ok=True)
         monkeypatch.setattr(search, "measure_model", self.model)
         monkeypatch.setattr(search, "measure_shipped", self.file)
         return self
@@ -491,6 +501,29 @@ def test_the_table_is_rescaled_by_what_the_device_measures_now(config, lut, boun
     assert len([c for c in device.calls if c[0] == "calibrate"]) == 3  # reused, not measured again
 
 
+def test_a_second_run_with_the_table_measures_no_reference_and_calibrates_from_earlier_measurements(
+        config, lut, bounds, binding, tmp_path, capsys, monkeypatch):
+    """Two runs, two run folders, one table on one machine: the first measures the reference and the calibration
+    archs, the second (a budget 2% larger) measures neither; another machine measures both again."""
+    share = round(binding / bounds[1], 3)  # the reference measures what the table predicts: this budget binds
+    device = Scripted(lut, lambda code, n: 0.0, calibrate=1.0).install(monkeypatch)
+    code, err = run(base_args(config, lut, f"{share}xlargest", tmp_path / "first"), capsys)
+    assert code == 0, err
+    first = [c for c in device.calls if c[0] != "verdict"]
+    assert [p for p, _ in first].count("reference") == 1 and [p for p, _ in first].count("calibrate") == 3
+    device.calls.clear()
+    code, err = run(base_args(config, lut, f"{1.02 * share:.4f}xlargest", tmp_path / "second"), capsys)
+    assert code == 0, err
+    assert [c for c in device.calls if c[0] != "verdict"] == []
+    calibration = json.loads((tmp_path / "second" / "calibration.json").read_text())
+    assert len(calibration["archs"]) == 3 and all(r["earlier"] for r in calibration["archs"])
+    assert "on this device by an earlier run with this table" in (tmp_path / "second" / "report.md").read_text()
+    monkeypatch.setattr(search, "machine", lambda run_, settings: {"device_name": "Another CPU"})
+    code, err = run(base_args(config, lut, f"{1.02 * share:.4f}xlargest", tmp_path / "elsewhere"), capsys)
+    assert code == 0, err
+    assert sorted(p for p, _ in device.calls if p != "verdict") == ["calibrate"] * 3 + ["reference"]
+
+
 def test_a_device_too_slow_for_any_arch_now_says_so(config, lut, binding, tmp_path, capsys, monkeypatch):
     """The device measures 10x the table now: one line says so, nothing of the calibration is stored (a rerun
     measures again), and the trained supernet stays in the store."""
@@ -501,6 +534,7 @@ def test_a_device_too_slow_for_any_arch_now_says_so(config, lut, binding, tmp_pa
     _one_line_error(code, err, "cannot be met as the device measures now")
     assert "at least 10.00x" in err
     assert not (tmp_path / "run" / "calibration.json").exists()
+    assert not MeasuredArchs(lut, {}).path.exists()  # nor kept for later runs: they measure again
     assert any(default_store().glob("tiny-*/supernet.pt"))
 
 

@@ -21,14 +21,11 @@ import torch
 import yaml
 
 import search
-from latency_lut import Settings, profile, validate
-from search_space import SearchSpace
 from tests.search_entry import QUICK
+from tests.tiny_job import tiny_job_config, tiny_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = Path(__file__).resolve().parent / "search_entry.py"  # search.main with quick measurements
-SYNTHETIC = ROOT / "experiments" / "synthetic.yaml"
-TINY = ROOT / "experiments" / "spaces" / "tiny.yaml"
 TIMEOUT_S = 600  # a rank that waits for ever fails the test instead of hanging it
 STEP_LINE = "] lut"  # rank 0's "[1/8] lut": the steps are rank 0's alone
 
@@ -36,28 +33,13 @@ STEP_LINE = "] lut"  # rank 0's "[1/8] lut": the steps are rank 0's alone
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
     """The synthetic experiment cut to the bone; no calibration measurements (the budget does not bind)."""
-    folder = tmp_path_factory.mktemp("config")
-    raw = yaml.safe_load(SYNTHETIC.read_text())
-    raw["space"] = str(TINY)
-    raw["data"]["synthetic_size"] = 256
-    raw["supernet"].update(epochs=1)
-    raw["retrain"].update(epochs=1)
-    raw["evaluate"].update(bn_calibration_images=32)
-    raw["search"].update(trials=3, top_k=1)
-    raw["latency"].update(calibrate_archs=0)
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return tiny_job_config(tmp_path_factory.mktemp("config"), calibrate_archs=0)
 
 
 @pytest.fixture(scope="module")
 def lut(tmp_path_factory) -> Path:
     """A calibrated ONNX Runtime table of the tiny space, measured quickly (its accuracy does not matter here)."""
-    path = tmp_path_factory.mktemp("lut") / "tiny-onnxruntime.json"
-    space = SearchSpace.from_yaml(TINY)
-    profile(space, path, "cpu", Settings(runtime="onnxruntime", num_classes=10), budget=QUICK, progress=False)
-    validate(path, space, n=4, calibrate_frac=0.5, budget=QUICK, progress=False)
-    return path
+    return tiny_table(tmp_path_factory.mktemp("lut"), "onnxruntime", archs=4, budget=QUICK)
 
 
 def free_port() -> int:

@@ -138,30 +138,17 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def job_config(tmp_path_factory) -> Path:
     """The synthetic experiment cut to seconds: search.py's whole job, with trials that take a moment each."""
-    import yaml
+    from tests.tiny_job import tiny_job_config
 
-    raw = yaml.safe_load((ROOT / "experiments" / "synthetic.yaml").read_text())
-    raw["space"] = str(TINY)
-    raw["data"]["synthetic_size"] = 256
-    raw["supernet"].update(epochs=1)
-    raw["retrain"].update(epochs=1)
-    raw["evaluate"].update(bn_calibration_images=64)
-    raw["search"].update(trials=6, top_k=1)
-    path = tmp_path_factory.mktemp("job") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return tiny_job_config(tmp_path_factory.mktemp("job"), trials=6, bn_calibration_images=64)
 
 
 @pytest.fixture(scope="session")
 def job_lut(tmp_path_factory) -> Path:
     """A calibrated table of the tiny space in search.py's default CPU runtime, ONNX Runtime."""
-    from latency_lut import Settings, profile, validate
+    from tests.tiny_job import tiny_table
 
-    path = tmp_path_factory.mktemp("lut") / "tiny-onnxruntime.json"
-    space = SearchSpace.from_yaml(TINY)
-    profile(space, path, "cpu", Settings(runtime="onnxruntime", num_classes=10), progress=False)
-    validate(path, space, n=6, calibrate_frac=0.5, progress=False)
-    return path
+    return tiny_table(tmp_path_factory.mktemp("lut"), "onnxruntime")
 
 
 @pytest.fixture(scope="session")

@@ -125,6 +125,21 @@ def test_interrupted_experiment_resumes_where_it_stopped(tiny_space, predictor, 
     assert not any(t.state == "RUNNING" for t in result.trials)
 
 
+def test_trials_that_fail_for_good_end_the_search_with_one_line_naming_the_first(tiny_space, predictor, target,
+                                                                                 tmp_path):
+    from searchers.base import SearchFailed
+    from searchers.ray_searcher import RaySearcher
+    from searchers.standins import BrokenEvaluatorFactory
+
+    searcher = RaySearcher(tiny_space, predictor, predictor.max_latency(tiny_space) * 1.5,
+                           evaluator_factory=BrokenEvaluatorFactory(str(TINY)), run_dir=tmp_path, seed=0,
+                           progress=False, max_failures=0)
+    with pytest.raises(SearchFailed, match=r"Ray trial\(s\) failed after 0 retries; the first: .*out of memory while "
+                                           r"scoring.*rerun the same command") as failed:
+        searcher.run(2)
+    assert "\n" not in str(failed.value)
+
+
 def test_no_cluster_at_an_address_fails_at_once_in_one_line():
     from searchers.base import ClusterUnavailable
     from searchers.local_clusters import free_port
