@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import git, machine  # benchmarks/, the folder of this script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE = "shufflenet_v2_x0_5"
@@ -45,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     state = json.loads(args.state.read_text()) if args.state.exists() else {"phases": {}}
     if not args.report:
-        commit = _git("rev-parse", "--short", "HEAD")
+        commit = git("rev-parse", "--short", "HEAD")
         if state.get("commit") not in (None, commit):
             print(f"cache {args.state} is of commit {state['commit']}, HEAD is {commit}: starting over",
                   file=sys.stderr)
             state = {"phases": {}}
-        state.update(commit=commit, date=datetime.date.today().isoformat(), machine=_machine())
+        state.update(commit=commit, date=datetime.date.today().isoformat(), machine=machine())
         clone = args.work / "clone"
         home = args.work / "home"
         if "cold" not in state["phases"]:
@@ -152,16 +154,6 @@ def _save(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, path)
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def _machine() -> str:
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), "unknown CPU")
-    return f"{os.cpu_count()}-core {name}"
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import header  # benchmarks/, the folder of this script
 from torch.utils.benchmark import Timer
 
 from search_space import SearchSpace, Supernet
@@ -57,6 +58,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     lines += ["", f"geometric mean ratio: {float(np.exp(np.mean(np.log(ratios)))):.3f} (goal <= 1.15)"]
     print(lines[-1])
+    lines = ["# One supernet training step against the plain network's", "", header(), "", *lines]
     (ROOT / "benchmarks/results/supernet_step.md").write_text("\n".join(lines) + "\n")
 
 
