@@ -482,18 +482,21 @@ def measured_archs(run: Run, space, settings):
     return MeasuredArchs(table_path(run, space, settings), machine(run, settings))
 
 
-def measure_arch(run: Run, space, arch, settings, num_classes: int, purpose: str,
-                 shared) -> tuple[dict[str, Any], bool]:
+def measure_arch(run: Run, space, arch, settings, num_classes: int, purpose: str, shared,
+                 keep: bool = True) -> tuple[dict[str, Any], bool]:
     """An arch's shipped-file measurement on this machine: from `shared` (True: taken earlier), or taken now (False;
-    the caller keeps it in `shared` once it is sure of it). The network is built with the run's seed; latency does
-    not depend on its weights."""
+    kept in `shared` when `keep`, else the caller keeps it once it is sure of it). The network is built with the
+    run's seed; latency does not depend on its weights."""
     record = shared.get(arch.encode(), num_classes)
     if record is not None:
         return record, True
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.cfg.seed)
         model = space.build(arch, num_classes)
-    return {**measure_model(run, model, settings, purpose=purpose).summary(), "purpose": purpose}, False
+    record = {**measure_model(run, model, settings, purpose=purpose).summary(), "purpose": purpose}
+    if keep:
+        shared.put(arch.encode(), num_classes, record)
+    return record, False
 
 
 def verdict(run: Run, measure_once: Callable[[], Any], target_ms: float) -> dict[str, Any]:
@@ -532,8 +535,6 @@ def resolve_targets(run: Run, space, settings, num_classes: int) -> list[float]:
     if data is None:
         shared = measured_archs(run, space, settings)
         record, earlier = measure_arch(run, space, known[name], settings, num_classes, "reference", shared)
-        if not earlier:
-            shared.put(known[name].encode(), num_classes, record)
         data = {"reference": name, "arch": known[name].encode(),
                 "measured": {"ms": record[f"{run.statistic}_ms"], **record}, "earlier": earlier, "machine": here}
         atomic_write(path, lambda f: json.dump(data, f, indent=1))
@@ -649,7 +650,7 @@ def calibrate_now(run: Run, space, table, settings, num_classes: int, targets: S
         picks = calibration_picks(space, table, binding, count, run.cfg.seed, shared.all(num_classes))
         rows, new = [], {}
         for n, (arch, predicted) in enumerate(picks, start=1):
-            record, earlier = measure_arch(run, space, arch, settings, num_classes, "calibrate", shared)
+            record, earlier = measure_arch(run, space, arch, settings, num_classes, "calibrate", shared, keep=False)
             if not earlier:
                 new[arch.encode()] = record
             rows.append({"arch": arch.encode(), "predicted_ms": predicted,
@@ -1034,12 +1035,11 @@ def report(run: Run, space, table, evaluator, result, families: list[dict], sett
     refs = []
     path = run.run_dir / "references.json"
     measured = cached(path, machine(run, settings)) or {"machine": machine(run, settings), "ms": {}}
+    shared = measured_archs(run, space, settings)
     for name, arch in space.contained_references().items():
         if name not in measured["ms"]:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(run.cfg.seed)
-                model = space.build(arch, num_classes)
-            measured["ms"][name] = measure_model(run, model, settings, purpose="reference").value(run.statistic)
+            record, _ = measure_arch(run, space, arch, settings, num_classes, "reference", shared)
+            measured["ms"][name] = record[f"{run.statistic}_ms"]
             atomic_write(path, lambda f: json.dump(measured, f, indent=1))
         refs.append({"name": name, "arch": arch.encode(), "predicted_ms": table.predict(arch),
                      "measured_ms": measured["ms"][name],

@@ -186,19 +186,25 @@ def throughput_markdown(rates: list[dict], command: str) -> str:
 
 
 def markdown(results: list[dict], n: int) -> str:
+    import datetime
     import platform
 
     import torch
 
     from latency_lut.fingerprint import cpu_name
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     lines = [
         "# Latency tables on this CPU",
         "",
+        f"`python benchmarks/bench_lut.py` at commit {commit.stdout.strip() or 'unknown'}, "
+        f"{datetime.date.today().isoformat()}. "
         f"{cpu_name()} ({platform.machine()}), 2 shared cores; torch {torch.__version__}; 1 thread, batch 1, float32. "
-        "Produced by `benchmarks/bench_lut.py`. Method: eager tables time each op inside probe networks "
-        "(`insitu`), ONNX Runtime tables time each op as its own session (`isolated`); every figure is the "
-        "median of the fastest of several interleaved rounds. Held-out archs were not used for the correction. "
+        "Method: eager tables time each op inside probe networks "
+        "(`insitu`), ONNX Runtime tables time each op as its own session (`isolated`); an op entry is its median "
+        "in the fastest of several interleaved rounds, and a network's measured latency is the table's statistic "
+        f"({', '.join(sorted({r['report'].get('statistic', 'best-round') for r in results}))}) over every call of "
+        "its measurement, which the correction is fitted to. Held-out archs were not used for the correction. "
         "`imagenet-eager-isolated` times each eager op alone instead (the alternative design), for comparison. Load "
         "average: other engineers' jobs on the same two cores, at the start and end of each case.",
         "",
