@@ -882,7 +882,7 @@ def run_job(job: Job, crew: Crew | None = None) -> Path:
                                                                      targets, binds))
     if calibration["archs"]:
         run.notes.append(f"{len(calibration['archs'])} archs near the budget measured at least "
-                         f"{calibration['ratio']:.3f}x their table prediction in this run; the search used "
+                         f"{calibration['ratio']:.3f}x their table prediction on this machine; the search used "
                          f"predictions rescaled by that")
     evaluator = None if asha else Evaluator(supernets, splits, cfg.evaluate, seed=cfg.seed, device=run.device)
     state = Shipping.load(run.run_dir / "ship.json", machine(run, settings))
