@@ -101,8 +101,8 @@ def test_two_workers_share_one_study_with_exact_totals(pg_url, target, tmp_path)
 
 def test_a_worker_of_another_machine_killed_mid_trial_is_found_by_its_heartbeat(pg_url, target, tmp_path):
     """Kill -9 a worker on "another machine" mid-trial: its heartbeat stops, and the other worker runs its arch."""
-    n = 8
-    victim = subprocess.Popen([sys.executable, "-c", _worker_script(pg_url, tmp_path, target, n, 0.5, "elsewhere", 1),
+    n = 8  # the victim's trials take 3 s: the kill lands while the trial it was found in still runs
+    victim = subprocess.Popen([sys.executable, "-c", _worker_script(pg_url, tmp_path, target, n, 3.0, "elsewhere", 1),
                                "1", "1"], cwd=ROOT)
     lost = _wait_for_running_trial(pg_url, victim.pid)
     victim.send_signal(signal.SIGKILL)
