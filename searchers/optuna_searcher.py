@@ -8,6 +8,8 @@ across all of them, and the trial of a worker that was killed is run again by th
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
 import os
 import socket
@@ -178,6 +180,7 @@ def recover_stale_trials(study: optuna.Study) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # runs RequeueDeadTrial on each
+        _fail_unclaimed(study)
     host = socket.gethostname()
     recovered = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -191,6 +194,24 @@ def recover_stale_trials(study: optuna.Study) -> int:
         RequeueDeadTrial()(study, t)
         recovered += 1
     return recovered
+
+
+def _fail_unclaimed(study: optuna.Study) -> None:
+    """Fail the RUNNING trials that no worker claimed (WORKER_ATTR) within the heartbeat's grace period.
+
+    A worker killed between creating a trial and its heartbeat's first beat leaves a trial that Optuna never takes
+    for stale (it has no beat to be old), and that would hold a slot of the budget for ever. Nothing was chosen for
+    it yet, so nothing is queued again. The age is read on this machine's clock against the creator's, and the
+    grace period (a minute by default) is far longer than any clock skew it needs to absorb.
+    """
+    grace = GRACE_BEATS * (study._storage.get_heartbeat_interval() or HEARTBEAT_S)  # noqa: SLF001
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if WORKER_ATTR in t.system_attrs or t.datetime_start is None:
+            continue
+        if (now - t.datetime_start).total_seconds() > grace:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker failed it first
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
 
 
 def is_heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:

@@ -173,3 +173,24 @@ def test_unreachable_database_fails_in_one_line(tiny_space, predictor, target, t
 def test_storage_that_is_not_a_url_of_a_database(tiny_space, predictor, target, tmp_path):
     with pytest.raises(StorageUnavailable, match="is not a database URL"):
         _searcher(tiny_space, predictor, target, tmp_path, storage="nonsense://").run(2)
+
+
+def test_a_trial_no_worker_claimed_within_the_grace_period_is_failed(tmp_path, monkeypatch):
+    """A worker killed between creating its trial and the heartbeat's first beat: Optuna never sees that trial go
+    stale, so it would hold a slot for ever; it is failed once the grace period has passed, and a claimed one
+    (a live worker's) is left alone."""
+    import time
+
+    from searchers import optuna_searcher
+    from searchers.optuna_searcher import WORKER_ATTR, open_database
+
+    monkeypatch.setattr(optuna_searcher, "GRACE_BEATS", 1)
+    study = optuna.create_study(storage=open_database(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_s=1))
+    orphan, claimed = study.ask(), study.ask()
+    study._storage.set_trial_system_attr(claimed._trial_id, WORKER_ATTR, {"host": "elsewhere", "pid": 1})
+    assert recover_stale_trials(study) == 0
+    assert [t.state.name for t in study.trials] == ["RUNNING", "RUNNING"]  # within the grace period
+    time.sleep(1.5)
+    recover_stale_trials(study)
+    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING"]
+    assert study.trials[orphan.number].state.name == "FAIL" and claimed.number == 1

@@ -66,7 +66,8 @@ def _worker_script(url: str, folder: Path, target: float, n_trials: int, seconds
 
 def _wait_for_running_trial(url: str, pid: int, name: str = "shufflenas",
                             timeout: float = 240) -> optuna.trial.FrozenTrial:
-    """The first RUNNING trial of process `pid` whose arch is decided, once it has completed one trial before."""
+    """The first RUNNING trial of process `pid` that is being evaluated (its arch decided and feasible: an
+    infeasible one completes at once), once it has completed one trial before."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -75,7 +76,7 @@ def _wait_for_running_trial(url: str, pid: int, name: str = "shufflenas",
             time.sleep(0.2)
             continue
         mine = [t for t in study.trials if t.system_attrs.get("shufflenas:worker", {}).get("pid") == pid]
-        running = [t for t in mine if t.state.name == "RUNNING" and "arch" in t.user_attrs]
+        running = [t for t in mine if t.state.name == "RUNNING" and t.user_attrs.get("feasible")]
         if running and any(t.state.name == "COMPLETE" for t in mine):
             return running[0]
         time.sleep(0.05)
