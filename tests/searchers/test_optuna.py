@@ -175,6 +175,7 @@ def test_storage_that_is_not_a_url_of_a_database(tiny_space, predictor, target, 
         _searcher(tiny_space, predictor, target, tmp_path, storage="nonsense://").run(2)
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_no_worker_claimed_within_the_grace_period_is_failed(tmp_path, monkeypatch):
     """A worker killed between creating its trial and the heartbeat's first beat: Optuna never sees that trial go
     stale, so it would hold a slot for ever; it is failed once the grace period has passed, and a claimed one
