@@ -46,6 +46,8 @@ from fractions import Fraction
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's packages, as the search.py and training runs it starts see them
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
@@ -59,7 +61,6 @@ from search_space import SearchSpace  # noqa: E402
 from search_space.arch import Arch, Stage  # noqa: E402
 from search_space.files import atomic_write  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "fashion_mnist.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE = "shufflenet_v2_x0_5"
@@ -126,6 +127,7 @@ class Bench:
         for key in ("latency", "searches", "trainings"):
             self.state.setdefault(key, {})
         self.scaled = scaled_references(self.space, args.scales)
+        self.failed: dict[str, str] = {}  # searches that failed in this process, by key
 
     # ---- the driver ---------------------------------------------------------------------------------------------
 
@@ -157,6 +159,10 @@ class Bench:
             bar.close()
         self.measure_final()
         self.write_results()
+        if self.failed:
+            print(f"error: {len(self.failed)} search(es) failed ({', '.join(self.failed)}); rerun to try again",
+                  file=sys.stderr)
+            return 1
         return 0
 
     def save(self) -> None:
@@ -210,12 +216,22 @@ class Bench:
         if kind == "x0.5":
             name = self.hand_scaled(factor)
             return None if name is None else self.state["latency"][name]["arch"]
-        return self.search(factor, kind)["arch"]
+        key = f"{kind}@{factor:g}x"
+        try:
+            return self.search(factor, kind)["arch"]
+        except BenchError as e:
+            # One failed search (an infeasible budget, a crash) costs its network, not the rest of the run; a rerun
+            # tries it again. The report names it.
+            self.failed[key] = str(e)
+            print(f"error: {key}: {e}", file=sys.stderr, flush=True)
+            return None
 
     def search(self, factor: float, kind: str) -> dict:
         key = f"{kind}@{factor:g}x"
         if key in self.state["searches"]:
             return self.state["searches"][key]
+        if key in self.failed:
+            raise BenchError(self.failed[key])
         budget = self.budget_ms(factor)
         run_dir = self.out / "runs" / key.replace("@", "-")
         seed = self.args.seeds[0]
@@ -361,7 +377,7 @@ class Bench:
         summary["rows"] = rows
         summary["bias"] = bias
         atomic_write(self.args.results / "budgets.json", lambda f: json.dump(summary, f, indent=1))
-        md = markdown(self.state, rows, bias, self.settings)
+        md = markdown(self.state, rows, bias, self.settings, self.failed)
         atomic_write(self.args.results / "budgets.md", lambda f: f.write(md))
         plot(rows, self.args.results / "budgets.png", self.state)
         print(md)
@@ -454,7 +470,7 @@ def small_arch_bias(out: Path, searches: dict) -> dict:
             "tau_latency": float(kendalltau(ms_a, score_a)[0])}
 
 
-def markdown(state: dict, rows: list[dict], bias: dict, settings: Settings) -> str:
+def markdown(state: dict, rows: list[dict], bias: dict, settings: Settings, failed: dict[str, str]) -> str:
     final = state.get("final", {})
     scaled = ", ".join(f"x{k.split('*')[1]} {_ms(state, k)}" for k in state.get("latency", {}))
     lines = [
@@ -478,7 +494,7 @@ def markdown(state: dict, rows: list[dict], bias: dict, settings: Settings) -> s
     ]
     for factor in sorted(state.get("factors", FACTORS)):
         here = [r for r in rows if r["factor"] == factor]
-        if not here:
+        if not here or not any(r["kind"] != "x0.5" for r in here):  # nothing searched at this budget yet
             continue
         lines += [f"## {factor:g}x {REFERENCE}: {here[0]['budget_ms']:.3f} ms", "",
                   "| network | arch | params | MFLOPs | measured ms | search ms | test acc | n seeds |",
@@ -492,6 +508,8 @@ def markdown(state: dict, rows: list[dict], bias: dict, settings: Settings) -> s
             lines.append(f"| {name} | `{r['arch']}` | "
                          f"{r['params']:,} | {r['mflops']:.1f} | {_f(r['ms'])} | {_f(search)} | {acc} | "
                          f"{len(r['tests'])} |")
+        lines += [f"\n{KINDS[key.split('@')[0]]} failed: {why}" for key, why in failed.items()
+                  if key.endswith(f"@{factor:g}x")]
         if any(r["over"] for r in here):
             lines += ["", "No width-scaled x0.5 is within this budget: the narrowest is shown, over it."]
         lines += ["", *goal_lines(here), ""]
