@@ -588,7 +588,8 @@ def plot(rows: list[dict], path: Path, state: dict) -> None:
                     va="bottom", fontsize=8)
     ax.set_xlabel("measured latency, ms (fastest round, ONNX Runtime, batch 1, 1 thread)")
     ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
-    ax.set_title("Fashion-MNIST: search against x0.5 scaled by hand (dotted: budgets)")
+    ax.set_title("Fashion-MNIST: search against x0.5 scaled by hand\n(dotted: budgets, p50 of a fresh process)",
+                 fontsize=10)
     if seen:
         ax.legend(handles=list(seen.values()), fontsize=8, title="colour: budget", title_fontsize=8)
     ax.grid(alpha=0.3)
