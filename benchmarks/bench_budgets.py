@@ -498,8 +498,8 @@ def markdown(state: dict, rows: list[dict], bias: dict, settings: Settings, fail
         if not here or not any(r["kind"] != "x0.5" for r in here):  # nothing searched at this budget yet
             continue
         lines += [f"## {factor:g}x {REFERENCE}: {here[0]['budget_ms']:.3f} ms", "",
-                  "| network | arch | params | MFLOPs | measured ms | fresh ms | test acc | n seeds |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| network | arch | units | params | MFLOPs | measured ms | fresh ms | test acc | n seeds |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in here:
             search = state["searches"].get(f"{r['kind']}@{factor:g}x", {}).get("search_measured_ms")
             if r["kind"] == "x0.5":
@@ -508,7 +508,8 @@ def markdown(state: dict, rows: list[dict], bias: dict, settings: Settings, fail
                 f" ± {100 * r['std']:.2f}" if r["std"] is not None else "")
             name = KINDS[r["kind"]] + (f" {r['name']}" if r["kind"] == "x0.5" else "") + (
                 " (over the budget)" if r["over"] else "")
-            lines.append(f"| {name} | `{r['arch']}` | "
+            units = sum(len(stage.units) for stage in Arch.decode(r["arch"]).stages)
+            lines.append(f"| {name} | `{r['arch']}` | {units} | "
                          f"{r['params']:,} | {r['mflops']:.1f} | {_f(r['ms'])} | {_f(search)} | {acc} | "
                          f"{len(r['tests'])} |")
         lines += [f"\n{KINDS[key.split('@')[0]]} failed: {why}" for key, why in failed.items()
