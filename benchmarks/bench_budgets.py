@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's packages, as the search.py and 
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
+from provenance import git, machine  # noqa: E402  benchmarks/, the folder of this script
 from tqdm import tqdm  # noqa: E402
 
 from experiments.config import load_experiment  # noqa: E402
@@ -144,7 +145,7 @@ class Bench:
         self.state.update(command=" ".join(["python", "benchmarks/bench_budgets.py",
                                             *map(shlex.quote, sys.argv[1:])]),
                           commit=git("rev-parse", "--short", "HEAD"), date=datetime.date.today().isoformat(),
-                          machine=machine_text(), factors=self.args.factors, seeds=self.args.seeds,
+                          machine=machine(), factors=self.args.factors, seeds=self.args.seeds,
                           scales=[str(s) for s in self.args.scales])
         self.measure_budgets()
         self.measure_scalings()
@@ -633,16 +634,6 @@ def _ms(state: dict, name: str) -> str:
 def _f(value: float | None, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}" if (
         digits != 3) else f"{value:.3f}"
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def machine_text() -> str:
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), "unknown CPU")
-    return f"{os.cpu_count()}-core {name}"
 
 
 if __name__ == "__main__":
