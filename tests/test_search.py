@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,16 @@ QUICK = Budget(rounds=2, block_s=0.01, min_calls=3, max_calls=20, warmup=2)
 @pytest.fixture(autouse=True)
 def quick_measurements(monkeypatch):
     monkeypatch.setattr(search, "MEASURE_BUDGET", QUICK)
+
+
+@pytest.fixture(autouse=True)
+def measurements_of_this_test(monkeypatch, tmp_path):
+    """Each test's runs keep their whole-arch measurements apart from other tests' (a budget relative to a reference
+    measured in a quiet moment of another test would not bind alike under this test's load); runs within a test
+    share them, as runs on one machine do."""
+    beside = tmp_path / "measured" / "table.json"
+    monkeypatch.setattr(search, "measured_archs",
+                        lambda run_, space, settings: MeasuredArchs(beside, search.machine(run_, settings)))
 
 
 @pytest.fixture(scope="module")
@@ -433,8 +444,12 @@ class Scripted:
         return _measured(self.verdict(code, n))
 
     def install(self, monkeypatch) -> Scripted:
-        """Measure with this stand-in, from a clean slate: no measurements kept beside the table by other tests."""
-        MeasuredArchs(self.path, {}).path.unlink(missing_ok=True)
+        """Measure with this stand-in. Its measurements are kept apart from the real ones kept beside the table
+        (`shared`, a file of this stand-in's own), so that no test reads another's, scripted or real."""
+        beside = Path(tempfile.mkdtemp()) / self.path.name  # where the stand-in's table would lie
+        self.shared = MeasuredArchs(beside, {}).path
+        monkeypatch.setattr(search, "measured_archs",
+                            lambda run_, space, settings: MeasuredArchs(beside, search.machine(run_, settings)))
         monkeypatch.setattr(search, "measure_model", self.model)
         monkeypatch.setattr(search, "measure_shipped", self.file)
         return self
@@ -535,12 +550,12 @@ def test_a_device_too_slow_for_any_arch_now_says_so(config, lut, binding, tmp_pa
     measures again), and the trained supernet stays in the store."""
     from experiments.supernets import default_store
 
-    Scripted(lut, lambda code, n: 0.5 * binding, calibrate=10.0).install(monkeypatch)
+    device = Scripted(lut, lambda code, n: 0.5 * binding, calibrate=10.0).install(monkeypatch)
     code, err = run(base_args(config, lut, binding, tmp_path / "run"), capsys)
     _one_line_error(code, err, "cannot be met as the device measures now")
     assert "at least 10.00x" in err
     assert not (tmp_path / "run" / "calibration.json").exists()
-    assert not MeasuredArchs(lut, {}).path.exists()  # nor kept for later runs: they measure again
+    assert not device.shared.exists()  # nor kept for later runs: they measure again
     assert any(default_store().glob("tiny-*/supernet.pt"))
 
 
