@@ -46,6 +46,12 @@ CASES = [
 ]
 
 
+def git(*args: str) -> str:
+    """The output of a git command in this checkout ("unknown" outside one)."""
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def run(command: list[str]) -> float:
     """Run a command from the repository root; return its wall time in seconds (raise on failure)."""
     print("$", " ".join(command), flush=True)
@@ -151,10 +157,6 @@ def throughput_markdown(rates: list[dict], command: str) -> str:
 
     from latency_lut.fingerprint import cpu_name
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else "unknown"
-
     dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
     lines = [
         "# Latency-table prediction speed",
@@ -193,11 +195,10 @@ def markdown(results: list[dict], n: int) -> str:
 
     from latency_lut.fingerprint import cpu_name
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     lines = [
         "# Latency tables on this CPU",
         "",
-        f"`python benchmarks/bench_lut.py` at commit {commit.stdout.strip() or 'unknown'}, "
+        f"`python benchmarks/bench_lut.py` at commit {git('rev-parse', '--short', 'HEAD')}, "
         f"{datetime.date.today().isoformat()}. "
         f"{cpu_name()} ({platform.machine()}), 2 shared cores; torch {torch.__version__}; 1 thread, batch 1, float32. "
         "Method: eager tables time each op inside probe networks "

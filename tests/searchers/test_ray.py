@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_session():
-    if ray.is_initialized():  # a whole-run test of this session started its own (search.py in-process)
+    if ray.is_initialized():  # a whole-run test that ran search.py in this process started its own
         ray.shutdown()
     # Workers import this checkout's modules (where another install of the package is on the path, too).
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
