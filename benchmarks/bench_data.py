@@ -14,6 +14,7 @@
 The tree is written first when --root does not hold one (benchmarks/make_jpeg_tree.py, 300 + 50 images per class).
 --job RUN_DIR adds the per-step seconds of a finished search.py run on the tree (its steps.json and report.md), e.g.
 of `python search.py --config experiments/imagenet.yaml --preset cpu --device cpu --target-ms 40`.
+Without --job, the whole-job section of the existing results file is kept as it is (with its own commit).
 """
 
 from __future__ import annotations
@@ -123,6 +124,15 @@ def job_section(run_dir: Path) -> list[str]:
     return lines
 
 
+def kept_job_section(out: Path) -> list[str]:
+    """The whole-job section of an earlier results file, so a rerun without --job does not drop that figure."""
+    if not out.is_file():
+        return []
+    text = out.read_text()
+    heading = "## The whole job on the JPEG tree"
+    return text[text.index(heading):].splitlines() if heading in text else []
+
+
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -213,6 +223,8 @@ def main() -> int:
     ]
     if args.job:
         lines += job_section(Path(args.job))
+    else:
+        lines += kept_job_section(Path(args.out))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
