@@ -23,6 +23,7 @@ a prediction runs does not depend on the values.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -79,7 +80,8 @@ def case(work: Path, name: str, space_file: str, runtime: str, method: str | Non
     validate_s = run(validate_cmd)
     result = {"name": name, "profile_s": profile_s, "profiling_s": table["info"]["profile_seconds"],
               "entries": len(table["entries"]), "validate_s": validate_s, "load": (load_before, os.getloadavg()[0]),
-              "commands": [_show(profile_cmd, work), _show(validate_cmd, work)]}
+              "commands": [_show(profile_cmd, work), _show(validate_cmd, work)],
+              "commit": git("rev-parse", "--short", "HEAD"), "date": datetime.date.today().isoformat()}
     (work / f"bench-{name}.json").write_text(json.dumps(result, indent=1))
     return load_case(work, name)
 
@@ -89,6 +91,13 @@ def load_case(work: Path, name: str) -> dict:
     result = json.loads((work / f"bench-{name}.json").read_text())
     result["report"] = json.loads((work / f"validate-{name}.json").read_text())
     return result
+
+
+def measured_at(results: list[dict], key: str) -> str:
+    """The commit or date the cases were measured at (as each case recorded it; HEAD or today for older cases)."""
+    now = git("rev-parse", "--short", "HEAD") if key == "commit" else datetime.date.today().isoformat()
+    values = sorted({r.get(key, now) for r in results})
+    return ", ".join(values) if values else now
 
 
 def cross_validated(report: dict, splits: int = 200, frac: float = 0.4) -> dict:
@@ -188,7 +197,6 @@ def throughput_markdown(rates: list[dict], command: str) -> str:
 
 
 def markdown(results: list[dict], n: int) -> str:
-    import datetime
     import platform
 
     import torch
@@ -198,8 +206,8 @@ def markdown(results: list[dict], n: int) -> str:
     lines = [
         "# Latency tables on this CPU",
         "",
-        f"`python benchmarks/bench_lut.py` at commit {git('rev-parse', '--short', 'HEAD')}, "
-        f"{datetime.date.today().isoformat()}. "
+        f"`python benchmarks/bench_lut.py` at commit {measured_at(results, 'commit')}, "
+        f"{measured_at(results, 'date')}. "
         f"{cpu_name()} ({platform.machine()}), 2 shared cores; torch {torch.__version__}; 1 thread, batch 1, float32. "
         "Method: eager tables time each op inside probe networks "
         "(`insitu`), ONNX Runtime tables time each op as its own session (`isolated`); an op entry is its median "
@@ -236,13 +244,13 @@ def markdown(results: list[dict], n: int) -> str:
               "- *round spread*: how much slower the typical round was than the fastest, i.e. the machine's noise "
               "during the validation; *repeatability*: how far the estimate from the even rounds lies from the "
               "estimate from the odd rounds, i.e. the error floor of one measured latency here.",
-              "- Eager tables time each op inside probe networks (`insitu`), so their plain sums are close to the "
-              "measured networks before any correction. Ops timed alone (the `isolated` row, and ONNX Runtime, "
-              "whose sessions cannot be timed op by op) find their weights hot in cache and run faster than "
-              "inside a network: by 6-40% for a unit, up to 2x for the first unit after the stem. Over the ~20 "
-              "ops of a network the gaps average out, so the fitted correction repairs those sums as well; "
-              "`insitu` stays the eager default because it needs no correction to be right, its per-op figures "
-              "are what an op costs inside a network, and it profiles in about half the time.",
+              "- Eager tables time each op inside probe networks (`insitu`): its input was just written by the op "
+              "before it, as in a network. Ops timed alone (the `isolated` row, and every ONNX Runtime table, whose "
+              "sessions cannot be timed op by op) find their weights hot in cache and miss what ONNX Runtime does "
+              "across op boundaries in a whole network. The correction is one line, `scale * sum + overhead`: it "
+              "carries the per-call cost, the statistic (p50 over every call of a network against each op's "
+              "fastest round) and, for isolated ops, only the average of their per-op gaps. The two imagenet eager "
+              "rows, measured alike, show what timing ops in place is worth.",
               "- Every measurement pins glibc's mmap/trim thresholds (`latency_lut.timing.pin_allocator`); without "
               "it, page faults on large activations depend on the process's history (one unit measured 0.76 ms "
               "in one process and 1.45 ms in another).",
