@@ -138,6 +138,7 @@ class Job:
     threads: int | None
     supernets: tuple[Path, ...]  # trained supernets to use (one per replica); empty: the shared store
     supernet_store: Path | None
+    compare_references: str | None = None  # None: off; "": the budgets' reference; else comma-separated names
     argv: tuple[str, ...] = ()
 
     @property
@@ -193,6 +194,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "luts/<space>-<device>-<runtime>-....json)")
     p.add_argument("--allow-lut-mismatch", action="store_true",
                    help="use a latency table measured on another device or with other settings (not recommended)")
+    p.add_argument("--compare-references", nargs="?", const="", default=None, metavar="NAMES",
+                   help="also retrain reference archs with the winners' recipe and report them side by side with "
+                        "the winners (measured latency, test accuracy): the budgets' reference (with no NAMES), or "
+                        "the named ones, comma-separated (shufflenet_v2_x0_5,shufflenet_v2_x1_0)")
     p.add_argument("--seed", type=int, default=None, help="seed of everything (default: the config's)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for training and scoring (default: all cores); latency is always timed with "
@@ -214,7 +219,8 @@ def job_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Job:
         run_dir=Path(args.run_dir) if args.run_dir else None, storage=args.storage, ray_address=args.ray_address,
         lut=Path(args.lut) if args.lut else None, allow_lut_mismatch=args.allow_lut_mismatch, seed=args.seed,
         threads=args.threads, supernets=tuple(Path(p) for p in args.supernet or ()),
-        supernet_store=Path(args.supernet_store) if args.supernet_store else None, argv=tuple(argv),
+        supernet_store=Path(args.supernet_store) if args.supernet_store else None,
+        compare_references=args.compare_references, argv=tuple(argv),
     )
 
 
@@ -551,12 +557,35 @@ def reference_points(space) -> dict[str, Any]:
 
 
 def check_reference(run: Run, space) -> None:
-    """A budget relative to an arch the space does not name fails before any work."""
+    """A budget relative to an arch the space does not name, or a comparison with one, fails before any work."""
     known = reference_points(space)
     for t in run.job.targets:
         if t.reference is not None and t.reference not in known:
             raise UsageError(f"--target-ms {t.label}: {t.reference!r} is not a reference arch of space {space.name!r} "
                              f"(it has: {', '.join(known)})")
+    for name in compared_names(run.job):
+        if name not in known:
+            raise UsageError(f"--compare-references: {name!r} is not a reference arch of space {space.name!r} "
+                             f"(it has: {', '.join(known)})")
+
+
+def compared_names(job: Job) -> list[str]:
+    """The references `--compare-references` retrains: the named ones, or the budgets' reference.
+
+    Raises:
+        UsageError: the flag without names when the budgets are in milliseconds.
+    """
+    if job.compare_references is None:
+        return []
+    names = [n.strip() for n in job.compare_references.split(",") if n.strip()]
+    if names:
+        return list(dict.fromkeys(names))
+    refs = [t.reference for t in job.targets if t.reference is not None]
+    if not refs:
+        raise UsageError("--compare-references without names needs a budget relative to a reference "
+                         "(--target-ms shufflenet_v2_x0_5); with budgets in milliseconds, name the references: "
+                         "--compare-references shufflenet_v2_x0_5")
+    return refs[:1]
 
 
 def check_budgets(table, space, targets: Sequence[float], run: Run) -> list[bool]:
@@ -892,7 +921,7 @@ def run_job(job: Job, crew: Crew | None = None) -> Path:
     else:
         result, families = search_one(run, space, splits, table, evaluator, targets[0], state, settings,
                                       supernet_paths)
-    run.step("report", lambda: report(run, space, table, evaluator, result, families, settings, splits.num_classes))
+    run.step("report", lambda: report(run, space, splits, table, evaluator, result, families, settings))
     print(f"done: report in {run.run_dir / 'report.md'}", file=sys.stderr)
     for family in families:
         for w in family["winners"]:
@@ -1028,7 +1057,7 @@ def _drop_empty(folder: Path) -> None:
 # ---- report -------------------------------------------------------------------------------------------------------
 
 
-def report(run: Run, space, table, evaluator, result, families: list[dict], settings, num_classes: int) -> None:
+def report(run: Run, space, splits, table, evaluator, result, families: list[dict], settings) -> None:
     from experiments.report import Marker, plot_pareto, write_report
     from search_space.files import atomic_write
 
@@ -1036,14 +1065,17 @@ def report(run: Run, space, table, evaluator, result, families: list[dict], sett
     path = run.run_dir / "references.json"
     measured = cached(path, machine(run, settings)) or {"machine": machine(run, settings), "ms": {}}
     shared = measured_archs(run, space, settings)
-    for name, arch in space.contained_references().items():
+    compared = compared_names(run.job)
+    known = reference_points(space)
+    for name, arch in {**space.contained_references(), **{n: known[n] for n in compared}}.items():
         if name not in measured["ms"]:
-            record, _ = measure_arch(run, space, arch, settings, num_classes, "reference", shared)
+            record, _ = measure_arch(run, space, arch, settings, splits.num_classes, "reference", shared)
             measured["ms"][name] = record[f"{run.statistic}_ms"]
             atomic_write(path, lambda f: json.dump(measured, f, indent=1))
         refs.append({"name": name, "arch": arch.encode(), "predicted_ms": table.predict(arch),
                      "measured_ms": measured["ms"][name],
-                     "accuracy": evaluator.evaluate(arch) if evaluator else float("nan")})
+                     "accuracy": evaluator.evaluate(arch) if evaluator else float("nan"),
+                     **(retrain_reference(run, space, splits, name, arch) if name in compared else {})})
     ref_markers = [Marker(r["name"].removeprefix("shufflenet_v2_"), r["predicted_ms"], r["accuracy"]) for r in refs]
     win_markers = [Marker(f"#{w['rank']}" + (f" {f['label']}" if run.family else ""), w["predicted_ms"],
                           w["search_accuracy"]) for f in families for w in f["winners"]]
@@ -1054,6 +1086,33 @@ def report(run: Run, space, table, evaluator, result, families: list[dict], sett
     write_report(run.run_dir / "report.md", command=command, device=run.device, runtime=run.runtime,
                  statistic=run.statistic, fingerprint=table.fingerprint.to_dict(), result=result, families=families,
                  steps=run.steps, notes=run.notes, references=refs)
+
+
+def retrain_reference(run: Run, space, splits, name: str, arch) -> dict[str, Any]:
+    """`--compare-references`: `arch` retrained with the winners' recipe and seed (resumable, in
+    RUN_DIR/references/<name>/retrain/), under `retrained` its validation and test accuracy (kept in
+    RUN_DIR/references/<name>/result.json, so a rerun trains nothing)."""
+    from experiments.training import retrain
+    from search_space.files import atomic_write
+
+    folder = run.run_dir / "references" / name
+    path = folder / "result.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    init = run.fine_tune_from
+    if run.crew is not None:
+        order = {"do": "retrain", "arch": arch.encode(), "run_dir": str(folder / "retrain"),
+                 "supernet": init[1] if init else None}
+        run.crew.order(**order, sees=sees(order))
+    trained = retrain(space, arch, splits, run.cfg, folder / "retrain", device=run.device, ctx=run.ctx,
+                      init_from=init[0] if init else None)
+    key = "report: retraining references"
+    run.steps[key] = run.steps.get(key, 0.0) + time.perf_counter() - start
+    result = {"retrained": {"val_accuracy": trained.val_accuracy, "test_accuracy": trained.test_accuracy,
+                            "seed": run.cfg.seed, "recipe": run.cfg.to_dict()["retrain"]}}
+    atomic_write(path, lambda f: json.dump(result, f, indent=1))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,13 +118,10 @@ def write_report(path: str | Path, *, command: str, device: str, runtime: str, s
     for f in families:
         lines += _family(f, statistic, len(families) > 1)
     if references:
-        lines += ["", "## Reference archs of the space", "",
-                  f"Measured like the winners ({statistic}, {runtime}, random weights); accuracy with the supernet's "
-                  "weights.", "",
-                  "| name | arch | predicted ms | measured ms | search accuracy |", "|---|---|---|---|---|"]
-        for r in references:
-            lines.append(f"| {r['name']} | `{r['arch']}` | {_ms(r['predicted_ms'])} | {_ms(r.get('measured_ms'))} | "
-                         f"{_pct(r.get('accuracy'))} |")
+        lines += _references(references, statistic, runtime)
+    compared = [r for r in references if "retrained" in r]
+    if compared:
+        lines += _against_references(compared, families, statistic)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Time per step", "", "| step | seconds |", "|---|---|"]
@@ -132,6 +129,44 @@ def write_report(path: str | Path, *, command: str, device: str, runtime: str, s
     lines += ["", "Files: `trials.csv` (every trial), `pareto.png`, `winners/" + ("<budget>/" if len(families) > 1
               else "") + "<rank>-<arch>/` (arch.yaml, model.pt, model.pt2, model.onnx, model_card.json)."]
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"))
+
+
+def _references(references: Sequence[dict[str, Any]], statistic: str, runtime: str) -> list[str]:
+    """The reference archs: latency measured like the winners', accuracy with the supernet's weights and, for those
+    retrained (`--compare-references`), after retraining."""
+    lines = ["", "## Reference archs of the space", "",
+             f"Measured like the winners ({statistic}, {runtime}, random weights); search accuracy with the "
+             "supernet's weights; val and test accuracy only for the references retrained with the winners' recipe "
+             "(`--compare-references`).", "",
+             "| name | arch | predicted ms | measured ms | search accuracy | val acc | test acc |",
+             "|---|---|---|---|---|---|---|"]
+    for r in references:
+        trained = r.get("retrained", {})
+        lines.append(f"| {r['name']} | `{r['arch']}` | {_ms(r['predicted_ms'])} | {_ms(r.get('measured_ms'))} | "
+                     f"{_pct(r.get('accuracy'))} | {_pct(trained.get('val_accuracy'))} | "
+                     f"{_pct(trained.get('test_accuracy'))} |")
+    return lines
+
+
+def _against_references(compared: Sequence[dict[str, Any]], families: Sequence[dict[str, Any]],
+                        statistic: str) -> list[str]:
+    """Each winner next to each retrained reference: measured latency, test accuracy, and the differences."""
+    lines = ["", "## Winners against the references", "",
+             f"Both retrained with the same recipe and seed; latency is the {statistic} of the shipped file (the "
+             "winners) and of the same file of the reference, measured alike.", "",
+             "| network | measured ms | test acc | latency / reference | test acc - reference |",
+             "|---|---|---|---|---|"]
+    for ref in compared:
+        ref_acc = ref["retrained"]["test_accuracy"]
+        lines.append(f"| {ref['name']} (reference) | {_ms(ref['measured_ms'])} | {_pct(ref_acc)} | 1.00x | - |")
+        for f in families:
+            for w in f["winners"]:
+                name = f"#{w['rank']}" + (f" of {f['label']}" if len(families) > 1 else "") + f" `{w['arch']}`"
+                ratio = w["measured_ms"] / ref["measured_ms"] if ref["measured_ms"] else float("nan")
+                gain = 100 * (w["test_accuracy"] - ref_acc)
+                lines.append(f"| {name} | {_ms(w['measured_ms'])} | {_pct(w['test_accuracy'])} | {ratio:.2f}x | "
+                             f"{gain:+.2f} points |")
+    return lines
 
 
 def _family(f: dict[str, Any], statistic: str, several: bool) -> list[str]:

@@ -222,15 +222,37 @@ def test_cached_verdicts_of_another_machine_are_measured_again(config, lut, loos
 # ---- budgets relative to a reference, families, shared supernets --------------------------------------------------
 
 
-def test_a_budget_relative_to_a_reference_is_measured_now(config, lut, tmp_path, capsys):
-    code, err = run(base_args(config, lut, "1.5xlargest", tmp_path / "run"), capsys)
+def test_a_budget_relative_to_a_reference_is_measured_now_and_compared(config, lut, tmp_path, capsys):
+    args = [*base_args(config, lut, "1.5xlargest", tmp_path / "run"), "--compare-references"]
+    code, err = run(args, capsys)
     assert code == 0, err
     stored = json.loads((tmp_path / "run" / "targets.json").read_text())
     assert stored["reference"] == "largest" and stored["measured"]["ms"] > 0
     (card,) = winner_cards(tmp_path / "run")
     assert card["target_ms"] == pytest.approx(1.5 * stored["measured"]["ms"])
     assert card["measured_ms"] <= card["target_ms"]
-    assert "largest measured" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "largest measured" in report
+    # the reference retrained with the winners' recipe, side by side with the winner
+    trained = json.loads((tmp_path / "run" / "references" / "largest" / "result.json").read_text())["retrained"]
+    assert 0.0 <= trained["test_accuracy"] <= 1.0 and trained["recipe"] == card["recipe"]
+    assert "## Winners against the references" in report
+    assert f"| largest (reference) | {stored['measured']['ms']:.3f} | {100 * trained['test_accuracy']:.2f}% |" in report
+    assert f"`{card['arch']}` | {card['measured_ms']:.3f} | {100 * card['test_accuracy']:.2f}% |" in report
+    # a rerun retrains nothing: the reference's result is kept
+    stamp = (tmp_path / "run" / "references" / "largest" / "result.json").stat().st_mtime_ns
+    code, err = run(args, capsys)
+    assert code == 0, err
+    assert (tmp_path / "run" / "references" / "largest" / "result.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(("target", "names", "needle"), [
+    ("1.5xlargest", "shufflenet_v2_x9", "--compare-references: 'shufflenet_v2_x9' is not a reference arch"),
+    ("0.5", "", "--compare-references without names needs a budget relative to a reference"),
+])
+def test_bad_comparisons(config, lut, tmp_path, capsys, target, names, needle):
+    args = [*base_args(config, lut, target, tmp_path / "run"), "--compare-references", *([names] if names else [])]
+    _one_line_error(*run(args, capsys), needle)
 
 
 def test_winners_are_fine_tuned_from_the_supernet_when_the_recipe_says_so(config, lut, loose, tmp_path, capsys,
