@@ -571,15 +571,14 @@ def goal_lines(here: list[dict]) -> list[str]:
         faster = win["ms"] <= ref["ms"]
         holds = gain >= GOAL_POINTS and faster
         out.append(f"- Against x0.5 with widths {ref['name']}: {gain:+.2f} points at {win['ms']:.3f} ms against "
-                   f"{ref['ms']:.3f} ms "
-                   f"({len(win['tests'])}/{len(ref['tests'])} seeds): goal (>= +{GOAL_POINTS:g} point at equal or "
-                   f"lower latency) {'holds' if holds else 'does not hold'}.")
+                   f"{ref['ms']:.3f} ms (means over {len(win['tests'])} and {len(ref['tests'])} seeds): goal "
+                   f"(>= +{GOAL_POINTS:g} point at equal or lower latency) {'holds' if holds else 'does not hold'}.")
     else:
         out.append("- Against the width-scaled x0.5: not decided (none within the budget, or not trained/timed yet).")
     if rnd is not None and rnd["mean"] is not None:
         gain = 100 * (win["mean"] - rnd["mean"])
-        out.append(f"- Against random search's winner: {gain:+.2f} points ({len(win['tests'])}/{len(rnd['tests'])} "
-                   f"seeds): goal (>= random search) {'holds' if gain >= 0 else 'does not hold'}.")
+        out.append(f"- Against random search's winner: {gain:+.2f} points (means over {len(win['tests'])} and "
+                   f"{len(rnd['tests'])} seeds): goal (>= random search) {'holds' if gain >= 0 else 'does not hold'}.")
     full = by.get("full")
     if full is not None and full["mean"] is not None:
         out.append(f"- The full supernet's winner: {100 * (full['mean'] - win['mean']):+.2f} points against the "
