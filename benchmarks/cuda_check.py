@@ -297,9 +297,11 @@ def cmd_loader(args: argparse.Namespace) -> int:
     the same order; a pre-warm on random images meets every convolution shape first, so that neither feed pays
     cuDNN's one-time plans. The batches in memory are the loader's own first pass (float32, normalised, on the
     device), so both feeds train on the same images. Blocks run memory, loader (, nvjpeg) and then in the reverse
-    order, `--rounds` times over; each block drops its first `--warmup` steps (the workers' first batches) and
-    times a multiple of the worker count (the workers deliver their batches together, one per worker). Later rounds
-    are skipped when they would not fit in `--max-seconds`; the JSON is rewritten after every block.
+    order, `--rounds` times over. Each block drops its first `--warmup` steps (the first batch waits for one worker
+    to decode all of it) and times a multiple of the worker count: the workers start together and each decodes a
+    whole batch, so batches arrive in bursts of one per worker, and a window of whole bursts times their rate
+    wherever it starts. Later rounds are skipped when they would not fit in `--max-seconds`; the JSON is rewritten
+    after every block.
     """
     import dataclasses
     import functools
@@ -340,7 +342,7 @@ def cmd_loader(args: argparse.Namespace) -> int:
     recipe, batch = cfg.supernet, cfg.supernet.batch_size
     splits = load_splits(cfg.data, cfg.seed)
     workers = splits.train.workers
-    warmup = workers + 2 if args.warmup is None else args.warmup
+    warmup = args.warmup
     result: dict[str, Any] = {
         "device": str(device), "goal": LOADER_GOAL, "cores": len(os.sched_getaffinity(0)),
         "tree": {"images": counts["train"], "file_px": args.file_size, "seconds": round(tree_s, 1)},
@@ -748,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: experiments/imagenet.yaml's (256)")
     p.add_argument("--image-size", type=int, default=None, help="training crop in pixels (default: its 224)")
     p.add_argument("--steps", type=int, default=32, help="timed steps per block, rounded to a multiple of the workers")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per block (default: the workers + 2)")
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each block")
     p.add_argument("--rounds", type=int, default=2, help="rounds of one block per feed, the order reversed each round")
     p.add_argument("--arch-sets", type=int, default=8, help="sandwich sets (largest, smallest, randoms) cycled")
     p.add_argument("--max-seconds", type=float, default=60.0, help="later rounds are skipped past this")

@@ -79,7 +79,7 @@ else
     export SEARCH_FLAGS=""
     export MEASURE_ROUNDS=5 MEASURE_MAX_S=45 EPOCH_STEPS=20 EPOCH_MAX_S=30 EPOCH_FLAGS=""
     export SEARCH_MAX_S=270 LUT_MAX_S=70 P2_BATCHES="64" P2_DTYPES="bfloat16"
-    # 2,000 JPEG files; batch 256 at 224 px; blocks of workers + 2 warm-up and 32 timed steps, two rounds if they fit.
+    # 2,000 JPEG files; batch 256 at 224 px; blocks of 4 warm-up and 32 timed steps, two rounds if they fit.
     export LOADER_MAX_S=${LOADER_MAX_S:-75} LOADER_MIN_S=30 LOADER_FLAGS=""
     export SEARCH_TARGET=${SEARCH_TARGET:-0.75xshufflenet_v2_x0_5}
 fi
