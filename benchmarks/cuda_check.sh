@@ -66,7 +66,7 @@ if [[ $SMALL == 1 ]]; then
     export SEARCH_FLAGS="--trials 4 --threads 1"
     export MEASURE_ROUNDS=2 MEASURE_MAX_S=120 EPOCH_STEPS=3 EPOCH_MAX_S=60 EPOCH_FLAGS="--batch-size 8"
     export SEARCH_MAX_S=480 LUT_MAX_S=150 P2_BATCHES="" P2_DTYPES="bfloat16"
-    # The loader step at 64 px, batch 2: seven sandwich steps, about a minute on a quiet CPU (more when it is shared).
+    # The loader step at 64 px, batch 2: eight sandwich steps, about a minute on a quiet CPU (more when it is shared).
     export LOADER_MAX_S=${LOADER_MAX_S:-150} LOADER_MIN_S=30
     export LOADER_FLAGS="--per-class 5 --batch-size 2 --image-size 64 --steps 2 --warmup 1 --rounds 1 --arch-sets 1"
     # A shared CPU's load moves its timings by 1.5x and more between the table and the search: a budget that binds
