@@ -7,6 +7,8 @@
     python benchmarks/cuda_check.py file-runtimes --runtimes WORK/runtimes.json --file winners/1-.../model.pt2
     python benchmarks/cuda_check.py first-epoch --device cuda --config WORK/fashion_mnist.yaml --mode heuristic \
         --steps 25 --max-seconds 40 --out WORK/epoch-heuristic.json
+    python benchmarks/cuda_check.py loader --device cuda --source .data/fashion-mnist --tree WORK/jpeg-tree \
+        --max-seconds 60 --out WORK/loader.json
     python benchmarks/cuda_check.py results --work WORK --out OUT/results.json --md OUT/cuda_check.md
     python benchmarks/cuda_check.py summary --results OUT/results.json
 
@@ -277,6 +279,233 @@ def _supernet_steps(args: argparse.Namespace, device: Any, result: dict[str, Any
             write_json(args.out, result)
 
 
+# ---- the training loader against the same batches in memory -------------------------------------------------------
+
+IMAGENET_CONFIG = ROOT / "experiments" / "imagenet.yaml"
+LOADER_GOAL = 0.90  # the loader is not the bottleneck when training fed by it runs at >= 90% of the in-memory rate
+_PRE_WARM_TIMED = 1  # steps on shapes already met, after the pre-warm, that size the blocks to the time given
+
+
+def cmd_loader(args: argparse.Namespace) -> int:
+    """Supernet training steps of experiments/imagenet.yaml's recipe at 224 px, fed by the ImageFolder training loader
+    (as search.py's supernet training is) against the same steps on the same batches already on the device.
+
+    A Fashion-MNIST JPEG tree is written first (benchmarks/make_jpeg_tree.py); the training split is repeated so
+    that one loader pass is exactly one block of steps (warm-up + timed), so no decoding runs past a block into the
+    next. Both feeds go through `_SupernetLoop._epoch`, the training loop itself (channels_last, the sandwich step
+    with distillation, bf16 autocast, the optimiser and the schedule), with the same `--arch-sets` sandwich sets in
+    the same order; a pre-warm on random images meets every convolution shape first, so that neither feed pays
+    cuDNN's one-time plans. The batches in memory are the loader's own first pass (float32, normalised, on the
+    device), so both feeds train on the same images. Blocks run memory, loader (, nvjpeg) and then in the reverse
+    order, `--rounds` times over. Each block drops its first `--warmup` steps (the first batch waits for one worker
+    to decode all of it) and times a multiple of the worker count: the workers start together and each decodes a
+    whole batch, so batches arrive in bursts of one per worker, and a window of whole bursts times their rate
+    wherever it starts. Later rounds are skipped when they would not fit in `--max-seconds`; the JSON is rewritten
+    after every block.
+    """
+    import dataclasses
+    import functools
+    import importlib.util
+
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from benchmarks.make_jpeg_tree import make_tree
+    from experiments.config import load_experiment
+    from experiments.cudnn import cudnn_mode
+    from experiments.data import DEFAULT_FASHION_MNIST, load_splits
+    from experiments.distributed import DistContext
+    from experiments.training import _SupernetLoop
+    from search_space import SearchSpace, Supernet
+
+    deadline = time.monotonic() + args.max_seconds
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    start = time.perf_counter()
+    counts = make_tree(Path(args.source or DEFAULT_FASHION_MNIST), Path(args.tree), per_class=args.per_class,
+                       val_per_class=1, size=args.file_size, progress=False)
+    tree_s = time.perf_counter() - start
+    base = load_experiment(IMAGENET_CONFIG, None)
+    cfg = dataclasses.replace(
+        base, device=args.device,
+        data=dataclasses.replace(base.data, root=str(Path(args.tree).resolve()), val_size=10,
+                                 image_size=args.image_size or base.data.image_size),
+        supernet=dataclasses.replace(base.supernet, batch_size=args.batch_size or base.supernet.batch_size),
+    )
+    recipe, batch = cfg.supernet, cfg.supernet.batch_size
+    splits = load_splits(cfg.data, cfg.seed)
+    workers = splits.train.workers
+    warmup = args.warmup
+    result: dict[str, Any] = {
+        "device": str(device), "goal": LOADER_GOAL, "cores": len(os.sched_getaffinity(0)),
+        "tree": {"images": counts["train"], "file_px": args.file_size, "seconds": round(tree_s, 1)},
+        "image_size": splits.image_size, "batch_size": batch, "workers": workers, "decoder": cfg.data.decoder,
+        "pin_memory": cuda, "amp": recipe.amp if cuda else "off", "channels_last": recipe.channels_last,
+        "sampling": recipe.sampling, "sandwich_random": recipe.sandwich_random, "distill": recipe.distill,
+        "arch_sets": args.arch_sets, "warmup_steps": warmup, "variants": {},
+    }
+    print(f"tree: {counts['train']} training images at {args.file_size} px in {tree_s:.1f} s; batch {batch}, "
+          f"{workers} workers, {recipe.sampling} sampling, amp {result['amp']}")
+
+    space = SearchSpace.from_yaml(cfg.space)
+    torch.manual_seed(cfg.seed)
+    loop = _SupernetLoop(Supernet(space, splits.num_classes), splits, cfg, {"kind": "cuda_check loader"},
+                         Path(args.tree) / "no-run", cfg.seed, device, False, DistContext())  # no checkpoint there
+    plan = [loop.archs() for _ in range(args.arch_sets)]  # the sandwich sets every block trains, in this order
+    position = [0]
+
+    def archs() -> list[Any]:
+        position[0] += 1
+        return plan[(position[0] - 1) % len(plan)]
+
+    loop.archs = archs  # type: ignore[method-assign]
+    bar = tqdm(disable=True)
+
+    def run(batches: Any, steps: int, skip: int, first: int = 0) -> float:
+        """`steps` training steps of the loop on `batches` (a function of the epoch), starting at sandwich set
+        `first`; the seconds of all but the first `skip`."""
+        marks: list[float] = []
+
+        def feed(epoch: int) -> Any:
+            for i, item in enumerate(batches(epoch)):
+                if i == skip:
+                    sync()
+                    marks.append(time.perf_counter())
+                yield item
+            sync()
+            marks.append(time.perf_counter())
+
+        position[0] = first
+        loop._batches = feed  # type: ignore[method-assign]
+        loop.steps_per_epoch = steps
+        loop._epoch(0, bar)
+        return marks[-1] - marks[0]
+
+    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    side = splits.image_size
+    noise = torch.randn(batch, splits.in_channels, side, side, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, splits.num_classes, (batch,), device=device)
+    with cudnn_mode(device, loop.cudnn):
+        # The pre-warm: each sandwich set once, on random images; the sets it has no time for (a quarter of the time
+        # given) are dropped, so that new shapes cannot eat the blocks' time.
+        start = time.perf_counter()
+        for k in range(len(plan)):
+            if k and time.perf_counter() - start > args.max_seconds / 4:
+                del plan[k:]
+                break
+            run(lambda _: [(noise, labels)], 1, 0, first=k)
+        warm_s = time.perf_counter() - start
+        step_s = run(lambda _: [(noise, labels)] * _PRE_WARM_TIMED, _PRE_WARM_TIMED, 0) / _PRE_WARM_TIMED
+        result.update(arch_sets=len(plan), pre_warm={"steps": len(plan), "seconds": round(warm_s, 2),
+                                                     "step_s": round(step_s, 4)})
+        # Blocks of warm-up + a multiple of `workers` timed steps; the first round (its loader pass collected into
+        # memory, then memory and loader) is sized to take at most half the time left.
+        multiple = max(1, round(args.steps / workers))
+        left = deadline - time.monotonic()
+        while multiple > 1 and 3 * (warmup + multiple * workers) * step_s * 1.5 > left / 2:
+            multiple -= 1
+        steps = multiple * workers
+        per_pass = (warmup + steps) * batch
+        train = splits.train.subset(np.resize(np.arange(len(splits.train)), per_pass))  # one pass = one block
+        loop.splits = dataclasses.replace(splits, train=train)
+        real_batches = functools.partial(_SupernetLoop._batches, loop)  # the loop's own: its make_loader
+        result.update(steps=steps, images_per_pass=per_pass)
+        print(f"pre-warm: {len(plan)} sandwich sets in {warm_s:.1f} s, then {step_s:.3f} s/step; "
+              f"blocks of {warmup} warm-up + {steps} timed steps")
+        write_json(args.out, result)
+
+        start = time.perf_counter()
+        memory = list(loop._loader(0))  # the pass every loader block decodes again
+        sync()
+        result["memory_collect_s"] = round(time.perf_counter() - start, 2)
+        sources: dict[str, Any] = {"memory": lambda _: iter(memory), "loader": real_batches}
+        labels_of = {"memory": "batches in device memory",
+                     "loader": f"ImageFolder loader (pil, {workers} workers{', pinned' if cuda else ''})"}
+        skipped = None
+        if not cuda:
+            skipped = "skipped: nvJPEG decodes on a CUDA device"
+        elif importlib.util.find_spec("torchvision") is None:
+            skipped = "skipped: torchvision is not installed"
+        else:
+            nvjpeg = dataclasses.replace(train, decoder="torchvision")
+            sources["nvjpeg"] = lambda epoch: _with_train(loop, splits, nvjpeg, real_batches, epoch)
+            labels_of["nvjpeg"] = f"ImageFolder loader (torchvision nvJPEG, {workers} workers reading the files)"
+        for name in sources:
+            result["variants"][name] = {"feed": labels_of[name], "blocks": []}
+        if skipped:
+            feed = "ImageFolder loader (data.decoder: torchvision)"
+            result["variants"]["nvjpeg"] = {"feed": feed, "skipped": skipped}
+
+        for r in range(args.rounds):
+            order = list(sources) if r % 2 == 0 else list(reversed(sources))
+            seen = [b["seconds"] / steps for v in result["variants"].values() for b in v.get("blocks", [])]
+            estimate = len(order) * (warmup + steps) * max(seen or [step_s]) * 1.2  # the whole round, or none of it
+            if r > 0 and time.monotonic() + estimate > deadline:
+                result["stopped"] = f"after round {r}: round {r + 1} would not fit in {args.max_seconds:g} s"
+                break
+            for name in order:
+                variant = result["variants"][name]
+                try:
+                    seconds = run(sources[name], warmup + steps, warmup)
+                except Exception as e:  # noqa: BLE001  (the GPU decoder is optional: its failure is a result)
+                    if name != "nvjpeg":
+                        raise
+                    variant["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                    print(f"nvjpeg: {variant['error']}")
+                    del sources["nvjpeg"]
+                    continue
+                variant["blocks"].append({"round": r + 1, "seconds": round(seconds, 3),
+                                          "images_per_s": round(steps * batch / seconds, 1)})
+                rate = _rate(steps * batch / seconds)
+                print(f"round {r + 1} {name:<7} {steps} steps in {seconds:.2f} s: {rate} img/s")
+                _loader_summary(result)
+                write_json(args.out, result)
+    _loader_summary(result)
+    write_json(args.out, result)
+    ratio = result.get("ratio")
+    if ratio is None:
+        print("error: no block of both the loader and memory ran", file=sys.stderr)
+        return 1
+    print(f"loader / memory: {ratio:.3f} (goal >= {LOADER_GOAL:.2f}: {'met' if ratio >= LOADER_GOAL else 'not met'})")
+    return 0
+
+
+def _rate(images_per_s: float) -> str:
+    return f"{images_per_s:,.0f}" if images_per_s >= 100 else f"{images_per_s:.1f}"
+
+
+def _with_train(loop: Any, splits: Any, train: Any, batches: Any, epoch: int) -> Any:
+    """`batches(epoch)` with `train` as the loop's training split for the pass."""
+    import dataclasses
+
+    before = loop.splits
+    loop.splits = dataclasses.replace(splits, train=train)
+    try:
+        yield from batches(epoch)
+    finally:
+        loop.splits = before
+
+
+def _loader_summary(result: dict[str, Any]) -> None:
+    """Each feed's images/s over all its blocks (images over seconds), and each against memory."""
+    steps, batch = result.get("steps"), result["batch_size"]
+    for v in result["variants"].values():
+        blocks = v.get("blocks") or []
+        if blocks:
+            v["images_per_s"] = round(len(blocks) * steps * batch / sum(b["seconds"] for b in blocks), 1)
+    memory = result["variants"].get("memory", {}).get("images_per_s")
+    for v in result["variants"].values():
+        if memory and v.get("images_per_s"):
+            v["vs_memory"] = round(v["images_per_s"] / memory, 4)
+    result["ratio"] = result["variants"].get("loader", {}).get("vs_memory")
+
+
 # ---- results ------------------------------------------------------------------------------------------------------
 
 
@@ -371,6 +600,7 @@ def cmd_results(args: argparse.Namespace) -> int:
             for path in sorted((work / "measure").glob("*.json")) if (m := read_json(path))
         ],
         "first_epoch": [m for mode in EPOCH_MODES if (m := read_json(work / f"epoch-{mode}.json"))],
+        "loader": read_json(work / "loader.json"),
         "pack": read_json(work / "pack.json"),
     }
     write_json(args.out, results)
@@ -443,7 +673,40 @@ def markdown(r: dict[str, Any]) -> str:
                          f"{e['same_shapes_step_s']:.3f} | {e['ratio']:.1f}x |")
         else:
             lines.append(f"| {e['mode']} | {len(e['new_shapes_s'])} (stopped) | - | - | - |")
+    lines += ["", "## Supernet training: the ImageFolder loader vs the same batches in memory", ""]
+    lines += loader_markdown(r.get("loader"))
     return "\n".join(lines) + "\n"
+
+
+def loader_markdown(x: dict[str, Any] | None) -> list[str]:
+    """The loader step's table: images/s of each feed and its ratio to the batches in memory."""
+    if not x:
+        return []
+    tree = x.get("tree") or {}
+    lines = [
+        f"experiments/imagenet.yaml's supernet recipe ({x['sampling']} sampling with {x['sandwich_random']} random "
+        f"archs, distillation {'on' if x['distill'] else 'off'}, amp {x['amp']}, channels_last "
+        f"{'on' if x['channels_last'] else 'off'}), batch {x['batch_size']} at {x['image_size']} px on {x['device']}; "
+        f"{x['workers']} decoding workers (the default for {x['cores']} cores); {tree.get('images')} Fashion-MNIST "
+        f"JPEG files of {tree.get('file_px')} px, read from the page cache. Each block: {x['warmup_steps']} warm-up "
+        f"+ {x.get('steps')} timed steps over the same {x['arch_sets']} sandwich set(s), every shape met before.",
+        "",
+        "| feed | images/s of each block | images/s | vs memory |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, v in (x.get("variants") or {}).items():
+        if "images_per_s" in v:
+            each = ", ".join(_rate(b["images_per_s"]) for b in v["blocks"])
+            lines.append(f"| {v['feed']} | {each} | {_rate(v['images_per_s'])} | {v['vs_memory']:.3f} |")
+        else:
+            lines.append(f"| {v.get('feed', name)} | - | {v.get('skipped') or v.get('error') or 'not run'} | - |")
+    ratio = x.get("ratio")
+    if ratio is not None:
+        verdict = "met" if ratio >= x["goal"] else "not met"
+        lines += ["", f"Loader / memory: **{ratio:.3f}** (goal >= {x['goal']:.2f}: {verdict})."]
+    if x.get("stopped"):
+        lines += ["", f"Stopped: {x['stopped']}."]
+    return lines
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -478,6 +741,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: the quick preset's supernet batch")
     p.add_argument("--max-seconds", type=float, default=40.0)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("loader", help="supernet training fed by the ImageFolder loader vs the same batches in memory")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--source", default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)")
+    p.add_argument("--tree", required=True, help="where the JPEG tree is written (kept: a rerun reuses it)")
+    p.add_argument("--per-class", type=int, default=200, help="training images per class in the tree")
+    p.add_argument("--file-size", type=int, default=224, help="side of the tree's JPEG files in pixels")
+    p.add_argument("--batch-size", type=int, default=None, help="default: experiments/imagenet.yaml's (256)")
+    p.add_argument("--image-size", type=int, default=None, help="training crop in pixels (default: its 224)")
+    p.add_argument("--steps", type=int, default=32, help="timed steps per block, rounded to a multiple of the workers")
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each block")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of one block per feed, the order reversed each round")
+    p.add_argument("--arch-sets", type=int, default=8, help="sandwich sets (largest, smallest, randoms) cycled")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="later rounds are skipped past this")
+    p.add_argument("--out", required=True)
     p = sub.add_parser("results", help="collect every step's figures into one JSON file (and markdown)")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
@@ -486,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", required=True)
     args = parser.parse_args(argv)
     commands = {"env": cmd_env, "imports": cmd_imports, "config": cmd_config, "runtimes": cmd_runtimes,
-                "file-runtimes": cmd_file_runtimes, "first-epoch": cmd_first_epoch, "results": cmd_results,
+                "file-runtimes": cmd_file_runtimes, "first-epoch": cmd_first_epoch, "loader": cmd_loader,
+                "results": cmd_results,
                 "summary": cmd_summary}
     return commands[args.command](args)
 

@@ -3,19 +3,23 @@
 #   environment -> carried wheels (optuna) -> imports -> config -> which runtimes run here ->
 #   latency tables (eager and cudagraph, batch 1, float32) -> search.py --preset quick end to end ->
 #   the winner's shipped files measured (python -m latency_lut measure) -> the supernet's first-epoch cost by cuDNN
-#   mode -> the rest of the table matrix (batch 1 and 64, float32 and bfloat16, every launch-free runtime that runs
-#   here) while time is left -> pack -> results.json
+#   mode -> then, while time is left: supernet training (experiments/imagenet.yaml's recipe, 224 px) fed by the
+#   ImageFolder loader against the same batches already on the device (the goal: >= 0.90 of the in-memory rate) ->
+#   the tests marked gpu -> the rest of the table matrix (batch 1 and 64, float32 and bfloat16, every launch-free
+#   runtime that runs here) -> cuDNN autotuning's first-epoch cost -> pack -> results.json
 #
 #   OUT=/some/empty/dir bash benchmarks/cuda_check.sh                   # on the GPU machine, from the repo root
 #   OUT=/tmp/cc CUDA_CHECK_DEVICE=cpu SMALL=1 PYTHON=.venv/bin/python \
 #       nice bash benchmarks/cuda_check.sh                              # the CPU dry run: same steps, tiny sizes
+#   OUT=/tmp/cc WORK=/tmp/cc/work ... bash benchmarks/cuda_check.sh __step loader   # one step alone, into WORK
 #
 # Needs, in the repo root: .whl/ (optuna and the wheels it needs that the machine lacks; not needed where optuna
 # imports) and .data/fashion-mnist/ (the four IDX .gz files; /usr/share/datasets/fashion-mnist where .data is
 # absent); both are ignored by git and travel as `carry`.
 # Knobs: SEARCH_TARGET (default 0.75xshufflenet_v2_x0_5: three quarters of x0.5 measured now, which binds; the dry
 # run 1.5x),
-# SEARCH_RUNTIME (default eager, the default on cuda), CUDA_CHECK_BUDGET_S (the driver's deadline).
+# SEARCH_RUNTIME (default eager, the default on cuda), CUDA_CHECK_BUDGET_S (the driver's deadline), LOADER_MAX_S (the
+# loader step's limit; 0 leaves the step out).
 # On the CPU dry run the CUDA-only runtimes' tables are recorded as unavailable (with the one-line reason every CLI
 # gives), and the shipped model.onnx is measured in onnxruntime in their place.
 # What comes back, in $OUT: log.txt (every step's full output), results.json (every step's status, time and figures),
@@ -62,6 +66,9 @@ if [[ $SMALL == 1 ]]; then
     export SEARCH_FLAGS="--trials 4 --threads 1"
     export MEASURE_ROUNDS=2 MEASURE_MAX_S=120 EPOCH_STEPS=3 EPOCH_MAX_S=60 EPOCH_FLAGS="--batch-size 8"
     export SEARCH_MAX_S=480 LUT_MAX_S=150 P2_BATCHES="" P2_DTYPES="bfloat16"
+    # The loader step at 64 px, batch 2: eight sandwich steps, about a minute on a quiet CPU (more when it is shared).
+    export LOADER_MAX_S=${LOADER_MAX_S:-150} LOADER_MIN_S=30
+    export LOADER_FLAGS="--per-class 5 --batch-size 2 --image-size 64 --steps 2 --warmup 1 --rounds 1 --arch-sets 1"
     # A shared CPU's load moves its timings by 1.5x and more between the table and the search: a budget that binds
     # on a GPU can be refused here ("cannot be met as the device measures now"), so the dry run gives room.
     export SEARCH_TARGET=${SEARCH_TARGET:-1.5xshufflenet_v2_x0_5}
@@ -72,6 +79,8 @@ else
     export SEARCH_FLAGS=""
     export MEASURE_ROUNDS=5 MEASURE_MAX_S=45 EPOCH_STEPS=20 EPOCH_MAX_S=30 EPOCH_FLAGS=""
     export SEARCH_MAX_S=270 LUT_MAX_S=70 P2_BATCHES="64" P2_DTYPES="bfloat16"
+    # 2,000 JPEG files; batch 256 at 224 px; blocks of 4 warm-up and 32 timed steps, two rounds if they fit.
+    export LOADER_MAX_S=${LOADER_MAX_S:-75} LOADER_MIN_S=30 LOADER_FLAGS=""
     export SEARCH_TARGET=${SEARCH_TARGET:-0.75xshufflenet_v2_x0_5}
 fi
 RESERVE_S=25        # kept for packing and results.json at the end
@@ -174,6 +183,14 @@ step_epoch() {
         $EPOCH_FLAGS
 }
 
+# Supernet training steps (experiments/imagenet.yaml's recipe) fed by the ImageFolder training loader, against the same
+# batches already on the device, on a Fashion-MNIST JPEG tree written first; sized to the step's limit (STEP_LIMIT).
+step_loader() {
+    # shellcheck disable=SC2086  # *_FLAGS are lists of options: split on purpose
+    "$PY" benchmarks/cuda_check.py loader --device "$DEVICE" --source "$DATA_ROOT" --tree "$WORK/jpeg-tree" \
+        --max-seconds $((${STEP_LIMIT:-$LOADER_MAX_S} - 15)) --out "$WORK/loader.json" $LOADER_FLAGS
+}
+
 # The tests marked gpu (they skip without CUDA): the runtimes' real paths, on tiny networks.
 step_gpu_tests() {
     "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/latency_lut
@@ -225,13 +242,14 @@ results() {
         --md "$OUT/cuda_check.md" >>"$LOG" 2>&1
 }
 
-# run_step NAME FUNCTION MAX_S RESERVE_S: runs step_FUNCTION for at most MAX_S seconds, never past the deadline minus
-# RESERVE_S; records it as NAME.
+# run_step NAME FUNCTION MAX_S RESERVE_S [MIN_S]: runs step_FUNCTION for at most MAX_S seconds, never past the deadline
+# minus RESERVE_S, and not at all when that leaves it under MIN_S (default 5); records it as NAME. The step sees its
+# limit as STEP_LIMIT.
 run_step() {
-    local name=$1 fn=$2 max=$3 reserve=$4 limit left start rc seconds status
+    local name=$1 fn=$2 max=$3 reserve=$4 min=${5:-5} limit left start rc seconds status
     left=$((DEADLINE - $(date +%s) - reserve))
     limit=$((max < left ? max : left))
-    if ((limit < 5)); then
+    if ((limit < min)); then
         printf '%s\tskipped\t-1\t0\t%d\n' "$name" "$limit" >>"$WORK/steps.tsv"
         printf '%-28s skipped (no time left)\n' "$name" | tee -a "$LOG"
         results
@@ -239,7 +257,7 @@ run_step() {
     fi
     printf '\n===== %s (limit %d s) %s =====\n' "$name" "$limit" "$(date -u +%T)" >>"$LOG"
     start=$(date +%s.%N)
-    timeout -k 10 "$limit" bash "$SELF" __step "$fn" >>"$LOG" 2>&1
+    STEP_LIMIT=$limit timeout -k 10 "$limit" bash "$SELF" __step "$fn" >>"$LOG" 2>&1
     rc=$?
     seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     case $rc in
@@ -300,6 +318,8 @@ run_step measure measure "$MEASURE_MAX_S" $((RESERVE_S + 2 * (EPOCH_MAX_S + 15))
 for mode in heuristic off; do
     EPOCH_MODE=$mode run_step "first-epoch-$mode" epoch $((EPOCH_MAX_S + 15)) "$RESERVE_S"
 done
+# From here on, the steps take the time that is left, in this order; the steps above keep their reserves.
+((LOADER_MAX_S > 0)) && run_step loader loader "$LOADER_MAX_S" "$RESERVE_S" "$LOADER_MIN_S"
 if "$PY" -c 'import pytest' 2>/dev/null; then
     run_step gpu-tests gpu_tests 90 "$RESERVE_S"
 else
