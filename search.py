@@ -4,7 +4,8 @@
     python search.py --target-ms shufflenet_v2_x0_5 --device cpu --preset quick      # as fast as x0.5, measured now
     python search.py --target-ms 0.3,0.4,0.5 --device cpu                             # a family: winners per budget
 
-Steps, each resumable (rerun the same command after a kill: nothing finished is redone):
+Steps, each resumable: rerun the same command after a kill, and every step whose artifact is there and current (a
+measurement: taken on this machine) is loaded, not redone:
   lut        the device's latency table for the runtime, shared by every run on this machine (in the cache folder)
   target     a budget relative to a reference arch: that arch exported and measured now, on the device
   check      every budget is met by at least one arch of the space (else: one line naming the fastest)
@@ -36,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 # Idle OpenMP threads sleep instead of spinning: with spinning, two threads on two cores that another process also
 # uses ran training 10x slower here (20 vs 200 images/s). Must be set before torch starts its thread pool.
@@ -44,6 +45,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from experiments.steps import MachineFile, Pipeline, Step  # noqa: E402
 
 if TYPE_CHECKING:
     from experiments.distributed import Crew, DistContext
@@ -58,6 +61,7 @@ FAMILY_TRIALS = 1.5  # a family of budgets searches once, with this many times t
 CALIBRATE_WINDOW = 0.25  # an arch measured before calibrates for a budget when predicted within this share of it
 MEASURE_BUDGET = None  # None: latency_lut.FILE_BUDGET (hundreds of calls per measurement); tests shrink it
 RUN_FILE = "run.json"
+T = TypeVar("T")
 
 
 class UsageError(ValueError):
@@ -235,10 +239,18 @@ class Run:
     cfg: Any
     device: str
     run_dir: Path
-    steps: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     crew: Crew | None = None  # this process among torchrun's; None: a single process
     fine_tune_from: tuple[Any, str] | None = None  # retrain.from_supernet: the supernet winners start from, its path
+    pipeline: Pipeline = field(init=False)  # runs the steps of PIPELINE and keeps their seconds in steps.json
+
+    def __post_init__(self) -> None:
+        self.pipeline = Pipeline(PIPELINE, self.run_dir / "steps.json")
+
+    @property
+    def steps(self) -> dict[str, float]:
+        """Seconds per step, as steps.json holds them."""
+        return self.pipeline.seconds
 
     @property
     def ctx(self) -> DistContext:
@@ -259,39 +271,9 @@ class Run:
     def family(self) -> bool:
         return len(self.job.targets) > 1
 
-    def step(self, name: str, work: Callable[[], Any]) -> Any:
-        """Run one step of `STEPS`, numbered from that list, and add its wall time to steps.json."""
-        print(f"[{STEPS.index(name) + 1}/{len(STEPS)}] {name}", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        result = work()
-        self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - start
-        self.save_steps()
-        return result
-
-    def save_steps(self) -> None:
-        from search_space.files import atomic_write
-
-        atomic_write(self.run_dir / "steps.json", lambda f: json.dump(self.steps, f, indent=1))
-
-    def load_steps(self) -> None:
-        path = self.run_dir / "steps.json"
-        if path.exists():
-            self.steps = {k: float(v) for k, v in json.loads(path.read_text()).items()}
-
-
-# The steps in order, with the artifact each leaves (how a rerun knows it is done): numbering and resumption
-# follow this list.
-STEP_ARTIFACTS: dict[str, str] = {
-    "lut": "the latency table file (complete, with a fitted correction)",
-    "target": "targets.json (budgets in milliseconds, with the machine that measured the references)",
-    "check": "nothing: the budgets are checked against the table every run",
-    "supernet": "<store>/<space>-<data>-<recipe>-s<seed>/supernet.pt, finished",
-    "calibrate": "calibration.json (with the machine that measured it)",
-    "search": "search/ (the study: a journal file, a database or Ray Tune's experiment), trials.csv",
-    "ship": "ship.json (verdicts with the machine that measured them), winners/",
-    "report": "report.md, pareto.png",
-}
-STEPS = list(STEP_ARTIFACTS)
+    def step(self, step: Step[T], key: str | None = None) -> T:
+        """Load `step`'s artifact when it is done, else make it (see `experiments.steps.Pipeline.run`)."""
+        return self.pipeline.run(step, key)
 
 
 def configure(job: Job, crew: Crew | None = None) -> Run:
@@ -386,7 +368,7 @@ def check_run_dir(run: Run) -> None:
                              f"use another --run-dir")
     else:
         atomic_write(path, lambda f: json.dump(identity, f, indent=1))
-    run.load_steps()
+    run.pipeline.load()
 
 
 def latency_settings(run: Run, num_classes: int):
@@ -404,14 +386,6 @@ def machine(run: Run, settings) -> dict[str, Any]:
     return Fingerprint.machine(run.device, settings)
 
 
-def cached(path: Path, here: dict[str, Any]) -> dict[str, Any] | None:
-    """The JSON at `path` when it was measured by the machine `here`, else None (measure again)."""
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    return data if data.get("machine") == here else None
-
-
 # ---- lut ----------------------------------------------------------------------------------------------------------
 
 
@@ -422,26 +396,52 @@ def table_path(run: Run, space, settings) -> Path:
     return run.job.lut or default_out(space, run.device, settings)
 
 
-def latency_table(run: Run, space, settings):
-    """Load the device's table, or profile (resumable) and calibrate a new one."""
-    from latency_lut import LatencyTable, profile, validate
+@dataclass(frozen=True)
+class LutStep(Step):
+    """The device's latency table: loaded when it covers the space and has a fitted correction; else profiled
+    (resumable: entries measured before are kept) and calibrated."""
 
-    mismatch = run.job.allow_lut_mismatch
-    path = table_path(run, space, settings)
-    if path.exists():
-        # A table measured elsewhere is refused here (unless --allow-lut-mismatch), before it is extended.
-        table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=mismatch)
-        if table.geometry != space.geometry:
-            raise UsageError(f"{path}: measured for another input geometry ({table.geometry}), not {space.geometry}")
-        if not table.missing(space) and table.correction.fitted_on:
-            return table
-    profile(space, path, run.device, settings, allow_mismatch=mismatch, seed=run.cfg.seed)
-    table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=mismatch)
-    if not table.correction.fitted_on:
-        validate(path, space, n=CALIBRATION_ARCHS, seed=run.cfg.seed, calibrate_frac=0.5,
-                 report_dir=path.parent / f"{path.stem}-validation", device=run.device, allow_mismatch=mismatch)
-        table = LatencyTable.load(path, expect=settings, device=run.device, allow_mismatch=mismatch)
-    return table
+    name: ClassVar[str] = "lut"
+    artifact: ClassVar[str] = "the latency table file (complete, with a fitted correction; --lut or the cache folder's)"
+    path: Path
+    space: Any
+    device: str
+    settings: Any
+    seed: int
+    allow_mismatch: bool  # --allow-lut-mismatch: a table measured elsewhere or with other settings is used anyway
+
+    def _read(self):
+        from latency_lut import LatencyTable
+
+        return LatencyTable.load(self.path, expect=self.settings, device=self.device,
+                                 allow_mismatch=self.allow_mismatch)
+
+    def started(self) -> bool:
+        return self.path.exists()
+
+    def done(self) -> bool:
+        if not self.path.exists():
+            return False
+        table = self._read()  # a table measured elsewhere is refused here, before it is extended
+        if table.geometry != self.space.geometry:
+            raise UsageError(f"{self.path}: measured for another input geometry ({table.geometry}), not "
+                             f"{self.space.geometry}")
+        return not table.missing(self.space) and bool(table.correction.fitted_on)
+
+    def load(self):
+        return self._read()
+
+    def make(self):
+        from latency_lut import profile, validate
+
+        path, mismatch = self.path, self.allow_mismatch
+        profile(self.space, path, self.device, self.settings, allow_mismatch=mismatch, seed=self.seed)
+        table = self._read()
+        if not table.correction.fitted_on:
+            validate(path, self.space, n=CALIBRATION_ARCHS, seed=self.seed, calibrate_frac=0.5,
+                     report_dir=path.parent / f"{path.stem}-validation", device=self.device, allow_mismatch=mismatch)
+            table = self._read()
+        return table
 
 
 # ---- measuring the shipped file -----------------------------------------------------------------------------------
@@ -525,30 +525,45 @@ def verdict(run: Run, measure_once: Callable[[], Any], target_ms: float) -> dict
 # ---- target: budgets relative to a reference, measured now --------------------------------------------------------
 
 
-def resolve_targets(run: Run, space, settings, num_classes: int) -> list[float]:
-    """Each budget in milliseconds; a reference arch is exported and measured on this machine (kept in targets.json,
-    and beside the table for every later run on this machine)."""
-    from search_space.files import atomic_write
+@dataclass(frozen=True)
+class TargetStep(Step):
+    """A budget relative to a reference arch: that arch exported and measured on this machine (kept in
+    targets.json, and beside the table for every later run on this machine). Budgets in milliseconds measure
+    nothing (the step returns None)."""
 
-    refs = {t.reference for t in run.job.targets if t.reference is not None}
-    if not refs:
-        return [float(t.ms) for t in run.job.targets]
-    (name,) = refs
-    known = reference_points(space)
-    here = machine(run, settings)
-    path = run.run_dir / "targets.json"
-    data = cached(path, here)
-    if data is None:
-        shared = measured_archs(run, space, settings)
-        record, earlier = measure_arch(run, space, known[name], settings, num_classes, "reference", shared)
-        data = {"reference": name, "arch": known[name].encode(),
-                "measured": {"ms": record[f"{run.statistic}_ms"], **record}, "earlier": earlier, "machine": here}
-        atomic_write(path, lambda f: json.dump(data, f, indent=1))
-    ms = data["measured"]["ms"]
-    when = "by an earlier run with this table" if data.get("earlier") else "now"
-    run.notes.append(f"{name} measured {ms:.3f} ms ({run.statistic}, {run.runtime}) on this device {when}; the "
-                     f"budgets are multiples of that")
-    return [t.factor * ms for t in run.job.targets]
+    name: ClassVar[str] = "target"
+    artifact: ClassVar[str] = "targets.json (the reference measured, with the machine that measured it)"
+    file: MachineFile
+    reference: str | None  # the reference arch's name; None: every budget is in milliseconds
+    arch: Any  # that arch
+    statistic: str
+    measure: Callable[[Any], tuple[dict[str, Any], bool]]  # an arch's record, and whether an earlier run took it
+
+    def done(self) -> bool:
+        return self.reference is not None and self.file.current()
+
+    def load(self) -> dict[str, Any] | None:
+        return self.file.read()
+
+    def make(self) -> dict[str, Any] | None:
+        if self.reference is None:
+            return None
+        record, earlier = self.measure(self.arch)
+        return self.file.write({"reference": self.reference, "arch": self.arch.encode(),
+                                "measured": {"ms": record[f"{self.statistic}_ms"], **record}, "earlier": earlier})
+
+
+def budgets_ms(targets: Sequence[Target], reference: dict[str, Any] | None) -> list[float]:
+    """Each budget in milliseconds, given the reference's measurement (targets.json) when they are relative."""
+    if reference is None:
+        return [float(t.ms) for t in targets]
+    return [t.factor * reference["measured"]["ms"] for t in targets]
+
+
+def reference_note(reference: dict[str, Any], statistic: str, runtime: str) -> str:
+    when = "by an earlier run with this table" if reference.get("earlier") else "now"
+    return (f"{reference['reference']} measured {reference['measured']['ms']:.3f} ms ({statistic}, {runtime}) on this "
+            f"device {when}; the budgets are multiples of that")
 
 
 def reference_points(space) -> dict[str, Any]:
@@ -588,42 +603,92 @@ def compared_names(job: Job) -> list[str]:
     return refs[:1]
 
 
-def check_budgets(table, space, targets: Sequence[float], run: Run) -> list[bool]:
+@dataclass(frozen=True)
+class CheckStep(Step):
     """Whether each budget binds; a budget no arch meets fails here, naming which of several it was."""
-    from searchers.base import InfeasibleTarget, check_target
 
-    binds = []
-    for target, spec in zip(targets, run.job.targets, strict=True):
-        try:
-            notice = check_target(table, space, target)
-        except InfeasibleTarget as e:
-            which = f"budget {spec.label} ({target:.3f} ms): " if run.family or spec.reference else ""
-            raise UsageError(f"{which}{e}") from None
-        if notice:
-            run.notes.append(notice.removeprefix("notice: "))
-        binds.append(notice is None)
-    return binds
+    name: ClassVar[str] = "check"
+    artifact: ClassVar[str] = "nothing: the budgets are checked against the table every run"
+    table: Any
+    space: Any
+    targets_ms: tuple[float, ...]
+    specs: tuple[Target, ...]
+
+    def make(self) -> tuple[list[bool], list[str]]:
+        """Whether each budget binds, and the notices of those that do not."""
+        from searchers.base import InfeasibleTarget, check_target
+
+        binds, notices = [], []
+        for target, spec in zip(self.targets_ms, self.specs, strict=True):
+            try:
+                notice = check_target(self.table, self.space, target)
+            except InfeasibleTarget as e:
+                which = f"budget {spec.label} ({target:.3f} ms): " if len(self.specs) > 1 or spec.reference else ""
+                raise UsageError(f"{which}{e}") from None
+            if notice:
+                notices.append(notice.removeprefix("notice: "))
+            binds.append(notice is None)
+        return binds, notices
 
 
 # ---- supernet -----------------------------------------------------------------------------------------------------
 
 
-def supernets_step(run: Run, space, splits) -> tuple[list, list[str]]:
-    """The supernets to score with: given by path, or from the shared store (trained there once)."""
-    from experiments.supernets import default_store, given_supernets, shared_supernets
+@dataclass(frozen=True)
+class SupernetStep(Step):
+    """The supernets to score with: given by path (checked against the experiment), or the store's, trained there
+    once per space, data, recipe and seed (a store entry another process is training is waited for)."""
 
-    if run.job.supernets:
-        nets = given_supernets(run.job.supernets, space, run.cfg, splits.num_classes)
-        return [n.to(run.device) for n in nets], [str(p) for p in run.job.supernets]
+    name: ClassVar[str] = "supernet"
+    artifact: ClassVar[str] = "<store>/<space>-<data>-<recipe>-s<seed>/supernet.pt, finished (or the --supernet files)"
+    space: Any
+    splits: Any
+    cfg: Any
+    device: str
+    given: tuple[Path, ...]  # --supernet: trained supernets to use; empty: the store's
+    store: Path
+    ctx: DistContext
+    announce: Callable[[Any], None] | None  # told each store entry just before it is trained (torchrun's rank 0)
 
-    def announce(entry) -> None:  # under torchrun, rank 0 holds the entry's lock: every rank trains it now
-        if run.crew is not None:
-            order = {"do": "supernet", "folder": str(entry.folder), "seed": entry.identity["seed"]}
-            run.crew.order(**order, sees=sees(order))
+    def entries(self) -> list:
+        from experiments.supernets import replica_entries
 
-    store = run.job.supernet_store or default_store()
-    nets, paths = shared_supernets(space, splits, run.cfg, store, device=run.device, ctx=run.ctx, announce=announce)
-    return nets, [str(p) for p in paths]
+        return replica_entries(self.store, self.space, self.cfg, self.splits.num_classes, self.ctx.world_size)
+
+    def done(self) -> bool:
+        return bool(self.given) or all(e.finished(self.cfg.supernet.epochs) for e in self.entries())
+
+    def started(self) -> bool:
+        return any(e.checkpoint.exists() for e in self.entries())
+
+    def load(self) -> tuple[list, list[str]]:
+        from experiments.checkpoints import load_supernet
+        from experiments.supernets import given_supernets
+
+        if self.given:
+            nets = given_supernets(self.given, self.space, self.cfg, self.splits.num_classes)
+            return [n.to(self.device) for n in nets], [str(p) for p in self.given]
+        entries = self.entries()
+        return [load_supernet(e.checkpoint, self.device) for e in entries], [str(e.checkpoint) for e in entries]
+
+    def make(self) -> tuple[list, list[str]]:
+        from experiments.supernets import shared_supernets
+
+        nets, paths = shared_supernets(self.space, self.splits, self.cfg, self.store, device=self.device,
+                                       ctx=self.ctx, announce=self.announce)
+        return nets, [str(p) for p in paths]
+
+
+def announcer(crew: Crew | None) -> Callable[[Any], None] | None:
+    """Under torchrun, rank 0 tells the other ranks which store entry to train with it (it holds the entry's lock)."""
+    if crew is None:
+        return None
+
+    def announce(entry) -> None:
+        order = {"do": "supernet", "folder": str(entry.folder), "seed": entry.identity["seed"]}
+        crew.order(**order, sees=sees(order))
+
+    return announce
 
 
 # ---- calibrate ----------------------------------------------------------------------------------------------------
@@ -651,58 +716,80 @@ def calibration_picks(space, table, binding: Sequence[float], count: int, seed: 
     return [(pool[j], float(predicted[j])) for j in picks]
 
 
-def calibrate_now(run: Run, space, table, settings, num_classes: int, targets: Sequence[float],
-                  binds: Sequence[bool]) -> tuple[Any, dict]:
-    """Rescale the table to what the device measures near the budgets.
+@dataclass(frozen=True)
+class CalibrateStep(Step):
+    """The ratio the table's predictions are rescaled by: what the device measures near the budgets.
 
     The table was profiled and corrected earlier (maybe under another load); the archs that matter are the ones near
     the budgets, so `latency.calibrate_archs` of them have their shipped file timed on this machine (each in a fresh
     process), and the table's predictions are multiplied by the lowest measured / predicted ratio. The measurements
-    are kept beside the table (`measure_arch`), so a later budget near one measured before reuses them; the result
-    is kept in RUN_DIR/calibration.json with the measuring machine, for a resumed run. Nothing is measured when
-    `latency.calibrate_archs` is 0 or no budget binds.
-
-    Raises:
-        UsageError: at that ratio not even the fastest arch meets the smallest budget (nothing is stored then).
+    are kept beside the table (`shared`), so a later budget near one measured before reuses them; the result is kept
+    in RUN_DIR/calibration.json with the measuring machine, for a resumed run. Nothing is measured (ratio 1, nothing
+    stored) when `latency.calibrate_archs` is 0 or no budget binds.
     """
-    from search_space.files import atomic_write
 
-    path = run.run_dir / "calibration.json"
-    count = run.cfg.latency.calibrate_archs
-    here = machine(run, settings)
-    data = cached(path, here)
-    binding = [t for t, b in zip(targets, binds, strict=True) if b]
-    if data is None and (count == 0 or not binding):
-        return table, {"ratio": 1.0, "archs": []}
-    if data is None:
-        shared = measured_archs(run, space, settings)
-        picks = calibration_picks(space, table, binding, count, run.cfg.seed, shared.all(num_classes))
-        rows, new = [], {}
-        for n, (arch, predicted) in enumerate(picks, start=1):
-            record, earlier = measure_arch(run, space, arch, settings, num_classes, "calibrate", shared, keep=False)
-            if not earlier:
-                new[arch.encode()] = record
-            rows.append({"arch": arch.encode(), "predicted_ms": predicted,
-                         "measured_ms": record[f"{run.statistic}_ms"], "earlier": earlier})
-            print(f"  calibrate {n}/{len(picks)}: predicted {predicted:.3f} ms, measured "
-                  f"{rows[-1]['measured_ms']:.3f} ms{' (earlier)' if earlier else ''}", file=sys.stderr, flush=True)
+    name: ClassVar[str] = "calibrate"
+    artifact: ClassVar[str] = "calibration.json (with the machine that measured it)"
+    file: MachineFile
+    space: Any
+    table: Any
+    binding: tuple[float, ...]  # the budgets that bind, in milliseconds
+    count: int  # latency.calibrate_archs
+    seed: int
+    statistic: str
+    num_classes: int
+    shared: Any  # this machine's whole-arch measurements beside the table (`measured_archs`)
+    measure: Callable[[Any], tuple[dict[str, Any], bool]]  # an arch's record, and whether an earlier run took it
+
+    def done(self) -> bool:
+        return self.file.current()
+
+    def load(self) -> dict[str, Any]:
+        return self.file.read()
+
+    def make(self) -> dict[str, Any]:
+        """Raises:
+            UsageError: at that ratio not even the fastest arch meets the smallest budget (nothing is stored then:
+                a rerun measures again, when the machine may be quieter).
+        """
+        if self.count == 0 or not self.binding:
+            return {"ratio": 1.0, "archs": []}
+        rows, new = self._measure()
         # A shared machine only ever adds time, in phases that can last seconds: the lowest ratio is the one least
         # touched by them.
         ratio = float(min(r["measured_ms"] / r["predicted_ms"] for r in rows))
-        data = {"ratio": ratio, "archs": rows, "machine": here}
-        fastest = table.min_latency(space) * ratio
-        if fastest > min(binding):  # not stored: a rerun measures again, when the machine may be quieter
+        fastest = self.table.min_latency(self.space) * ratio
+        if fastest > min(self.binding):
             measured_ms = [r["measured_ms"] for r in rows]
             predicted_ms = [r["predicted_ms"] for r in rows]
             raise UsageError(
-                f"budget {min(binding):.3f} ms cannot be met as the device measures now: {len(rows)} archs the table "
-                f"puts at {min(predicted_ms):.2f}-{max(predicted_ms):.2f} ms measured {min(measured_ms):.2f}-"
+                f"budget {min(self.binding):.3f} ms cannot be met as the device measures now: {len(rows)} archs the "
+                f"table puts at {min(predicted_ms):.2f}-{max(predicted_ms):.2f} ms measured {min(measured_ms):.2f}-"
                 f"{max(measured_ms):.2f} ms (at least {ratio:.2f}x), so the fastest arch would take {fastest:.2f} ms; "
                 f"raise --target-ms, or rerun when the machine is quieter (the trained supernet is kept)")
         for code, record in new.items():
-            shared.put(code, num_classes, record)
-        atomic_write(path, lambda f: json.dump(data, f, indent=1))
-    return table.scaled(data["ratio"]), data
+            self.shared.put(code, self.num_classes, record)
+        return self.file.write({"ratio": ratio, "archs": rows})
+
+    def _measure(self) -> tuple[list[dict[str, Any]], dict[str, dict]]:
+        """One row per calibration arch, and the records measured now (kept once the ratio is accepted)."""
+        picks = calibration_picks(self.space, self.table, self.binding, self.count, self.seed,
+                                  self.shared.all(self.num_classes))
+        rows, new = [], {}
+        for n, (arch, predicted) in enumerate(picks, start=1):
+            record, earlier = self.measure(arch)
+            if not earlier:
+                new[arch.encode()] = record
+            rows.append({"arch": arch.encode(), "predicted_ms": predicted,
+                         "measured_ms": record[f"{self.statistic}_ms"], "earlier": earlier})
+            print(f"  calibrate {n}/{len(picks)}: predicted {predicted:.3f} ms, measured "
+                  f"{rows[-1]['measured_ms']:.3f} ms{' (earlier)' if earlier else ''}", file=sys.stderr, flush=True)
+        return rows, new
+
+
+def calibrated(table, calibration: dict[str, Any]):
+    """The table with its predictions rescaled by the calibration's ratio (the table itself when none measured)."""
+    return table.scaled(calibration["ratio"]) if calibration["archs"] else table
 
 
 # ---- search -------------------------------------------------------------------------------------------------------
@@ -734,6 +821,37 @@ def make_searcher(run: Run, space, table, evaluator, target_ms: float, study_nam
     from searchers.optuna_searcher import OptunaSearcher
 
     return OptunaSearcher(space, table, evaluator, target_ms, **common)
+
+
+@dataclass(frozen=True)
+class SearchStep(Step):
+    """One study: done when its storage holds `trials` complete trials; otherwise searched (or resumed) to that."""
+
+    name: ClassVar[str] = "search"
+    artifact: ClassVar[str] = "search/ (the study: a journal file, a database or Ray Tune's experiment), trials.csv"
+    searcher: Any
+    trials: int
+
+    def _feasible(self) -> bool:  # else `make` raises, before the study's storage is made
+        from searchers.base import InfeasibleTarget, check_target
+
+        try:
+            check_target(self.searcher.predictor, self.searcher.space, self.searcher.target_ms)
+        except InfeasibleTarget:
+            return False
+        return True
+
+    def done(self) -> bool:
+        return self._feasible() and self.searcher.completed() >= self.trials
+
+    def started(self) -> bool:
+        return self._feasible() and self.searcher.completed() > 0
+
+    def load(self):
+        return self.searcher.result()
+
+    def make(self):
+        return self.searcher.run(self.trials)
 
 
 # ---- ship ---------------------------------------------------------------------------------------------------------
@@ -768,55 +886,111 @@ class Shipping:
                                                     indent=1))
 
 
-def winner_folder(run: Run, label: str | None, rank: int, code: str) -> Path:
-    base = run.run_dir / "winners"
+def winner_folder(run_dir: Path, label: str | None, rank: int, code: str) -> Path:
+    base = run_dir / "winners"
     return (base / label if label else base) / f"{rank}-{code}"
 
 
-def ship(run: Run, space, splits, candidates, target_ms: float, label: str | None, state: Shipping,
-         settings) -> tuple[list[dict], list[dict]]:
-    """Walk `candidates` best first; ship the first top_k whose shipped file measures within `target_ms`.
+class _Undecided(Exception):
+    """A candidate ship.json holds no decision for yet (on this machine)."""
+
+
+@dataclass(frozen=True)
+class ShipStep(Step):
+    """One budget's winners: `candidates` walked best first, the first `top_k` whose shipped file measures within
+    `target_ms` shipped.
 
     Each candidate is exported with random weights and its shipped file measured before any training (latency
     does not depend on the weights). One within the budget is retrained, exported with all its files into
     winners/.staging/, its shipped file measured again, and only then moved into winners/ by an atomic rename, so
-    a run killed at any moment leaves in winners/ only winners that passed.
+    a run killed at any moment leaves in winners/ only winners that passed. Done when ship.json holds every
+    decision of the walk, measured on this machine, and winners/ every winner's folder.
     """
-    winners: list[dict] = []
-    rejected: list[dict] = []
-    for candidate in candidates:
-        if len(winners) >= run.cfg.search.top_k:
-            break
-        code = candidate.arch
-        arch = type(space.largest()).decode(code)
-        if code not in state.measured:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(run.cfg.seed)
-                model = space.build(arch, splits.num_classes)
-            state.measured[code] = {**verdict(run, lambda m=model: measure_model(run, m, settings), target_ms),
-                                    "machine": state.here}
-            state.save()
-        before = state.measured[code]
-        if before["ms"] > target_ms:
-            rejected.append({"arch": code, "predicted_ms": candidate.predicted_ms, "measured_ms": before["ms"],
-                             "accuracy": candidate.accuracy, "when": "before training"})
-            continue
-        rank = len(winners) + 1
-        key = f"{label or ''}/{code}"
-        folder = winner_folder(run, label, rank, code)
-        if key not in state.shipped or not (folder / "model_card.json").exists():
-            card = retrain_and_stage(run, space, splits, arch, candidate, target_ms, label, settings, folder)
-            state.shipped[key] = card
-            state.save()
-        card = state.shipped[key]
-        if card["measured_ms"] > target_ms:  # the exported, trained network itself is over: not a winner
-            rejected.append({"arch": code, "predicted_ms": candidate.predicted_ms, "measured_ms": card["measured_ms"],
-                             "accuracy": candidate.accuracy, "when": "after training"})
-            continue
-        cost = space.cost(arch, splits.num_classes)
-        winners.append({"rank": rank, "arch": code, "params": cost.params, "mflops": cost.mflops,
-                        "folder": str(folder.relative_to(run.run_dir)), **card})
-    return winners, rejected
+
+    name: ClassVar[str] = "ship"
+    artifact: ClassVar[str] = "ship.json (verdicts with the machine that measured them), winners/"
+    state: Shipping
+    candidates: tuple[Any, ...]  # TrialRecords, best first
+    target_ms: float
+    label: str | None  # the budget's label among several; None: the one budget
+    top_k: int
+    run_dir: Path
+    decode: Callable[[str], Any]  # an arch code to the arch
+    cost: Callable[[Any], Any]  # an arch's params and MFLOPs
+    judge: Callable[[Any], dict[str, Any]]  # the verdict on an untrained arch, measured now
+    retrain: Callable[[Any, Any, Path], dict[str, Any]]  # (arch, candidate, folder): its model card, staged
+
+    def done(self) -> bool:
+        try:
+            self._walk(measure=False)
+        except _Undecided:
+            return False
+        return True
+
+    def started(self) -> bool:
+        return any(c.arch in self.state.measured for c in self.candidates)
+
+    def load(self) -> tuple[list[dict], list[dict]]:
+        return self._walk(measure=False)
+
+    def make(self) -> tuple[list[dict], list[dict]]:
+        return self._walk(measure=True)
+
+    def _walk(self, measure: bool) -> tuple[list[dict], list[dict]]:
+        """The winners and the rejected candidates; with `measure` False, raises `_Undecided` where it would have
+        to measure or retrain."""
+        winners: list[dict] = []
+        rejected: list[dict] = []
+        for candidate in self.candidates:
+            if len(winners) >= self.top_k:
+                break
+            code, arch = candidate.arch, self.decode(candidate.arch)
+            before = self._verdict(code, arch, measure)
+            if before["ms"] > self.target_ms:
+                rejected.append(_rejected(candidate, before["ms"], "before training"))
+                continue
+            rank = len(winners) + 1
+            folder = winner_folder(self.run_dir, self.label, rank, code)
+            card = self._card(arch, candidate, folder, measure)
+            if card["measured_ms"] > self.target_ms:  # the exported, trained network itself is over: not a winner
+                rejected.append(_rejected(candidate, card["measured_ms"], "after training"))
+                continue
+            cost = self.cost(arch)
+            winners.append({"rank": rank, "arch": code, "params": cost.params, "mflops": cost.mflops,
+                            "folder": str(folder.relative_to(self.run_dir)), **card})
+        return winners, rejected
+
+    def _verdict(self, code: str, arch, measure: bool) -> dict[str, Any]:
+        if code not in self.state.measured:
+            if not measure:
+                raise _Undecided(code)
+            self.state.measured[code] = {**self.judge(arch), "machine": self.state.here}
+            self.state.save()
+        return self.state.measured[code]
+
+    def _card(self, arch, candidate, folder: Path, measure: bool) -> dict[str, Any]:
+        key = f"{self.label or ''}/{candidate.arch}"
+        card = self.state.shipped.get(key)
+        # A card over the budget is a decision too; one within it counts once its folder is in winners/.
+        if card is None or (card["measured_ms"] <= self.target_ms and not (folder / "model_card.json").exists()):
+            if not measure:
+                raise _Undecided(key)
+            self.state.shipped[key] = self.retrain(arch, candidate, folder)
+            self.state.save()
+        return self.state.shipped[key]
+
+
+def _rejected(candidate, measured_ms: float, when: str) -> dict[str, Any]:
+    return {"arch": candidate.arch, "predicted_ms": candidate.predicted_ms, "measured_ms": measured_ms,
+            "accuracy": candidate.accuracy, "when": when}
+
+
+def judge_untrained(run: Run, space, arch, num_classes: int, target_ms: float, settings) -> dict[str, Any]:
+    """The verdict on `arch` with random weights (drawn with the run's seed): its shipped file measured now."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.cfg.seed)
+        model = space.build(arch, num_classes)
+    return verdict(run, lambda: measure_model(run, model, settings), target_ms)
 
 
 def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float, label: str | None, settings,
@@ -835,7 +1009,7 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
         run.crew.order(**order, sees=sees(order))
     trained = retrain(space, arch, splits, run.cfg, run.run_dir / "retrain" / code, device=run.device, ctx=run.ctx,
                       init_from=run.fine_tune_from[0] if run.fine_tune_from else None)
-    run.steps["ship: retraining"] = run.steps.get("ship: retraining", 0.0) + time.perf_counter() - start
+    run.pipeline.add("ship: retraining", time.perf_counter() - start)
     model = trained.model.cpu().eval()  # exported and measured from the CPU; the child moves it to the device
     staging = run.run_dir / "winners" / ".staging" / f"{label or 'run'}-{code}"
     shutil.rmtree(staging, ignore_errors=True)  # a kill mid-export leaves nothing that counts
@@ -869,15 +1043,46 @@ def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float
 
 
 def run_job(job: Job, crew: Crew | None = None) -> Path:
-    """The job, on every process of a torchrun job (`crew`; None: a single process). Rank 0 runs the steps."""
-    from experiments.data import load_splits
+    """The job, on every process of a torchrun job (`crew`; None: a single process). Rank 0 runs the steps of
+    PIPELINE, in order; each step is built with what it needs."""
     from experiments.evaluate import Evaluator
 
+    run, space, splits = prepare(job, crew)
+    num_classes = splits.num_classes
+    settings = latency_settings(run, num_classes)
+    table = run.step(LutStep(table_path(run, space, settings), space, run.device, settings, run.cfg.seed,
+                             job.allow_lut_mismatch))
+    reference = run.step(target_step(run, space, settings, num_classes))
+    if reference is not None:
+        run.notes.append(reference_note(reference, run.statistic, run.runtime))
+    targets = budgets_ms(job.targets, reference)
+    binds, notices = run.step(CheckStep(table, space, tuple(targets), job.targets))
+    run.notes += notices
+    supernets, supernet_paths = supernet_phase(run, space, splits)
+    calibration = run.step(calibrate_step(run, space, table, settings, num_classes, targets, binds))
+    table = calibrated(table, calibration)
+    if calibration["archs"]:
+        run.notes.append(f"{len(calibration['archs'])} archs near the budget measured at least "
+                         f"{calibration['ratio']:.3f}x their table prediction on this machine; the search used "
+                         f"predictions rescaled by that")
+    evaluator = None if supernets is None else Evaluator(supernets, splits, run.cfg.evaluate, seed=run.cfg.seed,
+                                                         device=run.device)
+    state = Shipping.load(run.run_dir / "ship.json", machine(run, settings))
+    searched = search_family if run.family else search_one
+    result, families = searched(run, space, splits, table, evaluator, targets, state, settings, supernet_paths)
+    run.step(ReportStep(run, space, table, evaluator, result, tuple(families), settings, splits))
+    return finish(run, families)
+
+
+def prepare(job: Job, crew: Crew | None) -> tuple[Run, Any, Any]:
+    """The run, its space and its data, each checked before any work. Under torchrun every rank loads them and
+    agrees with the others; a rank other than 0 then follows rank 0's orders (and never returns)."""
+    from experiments.data import load_splits
+
     run = configure(job, crew)
-    cfg = run.cfg
-    space = _load_space(cfg.space)
+    space = _load_space(run.cfg.space)
     check_reference(run, space)
-    splits = load_splits(cfg.data, cfg.seed)  # missing data fails here, before any measurement
+    splits = load_splits(run.cfg.data, run.cfg.seed)  # missing data fails here, before any measurement
     if crew is not None:  # every rank prepared the same experiment: only then the process group
         crew.agree(_loaded(run, space, splits))
         run.device = crew.start(run.device)
@@ -885,43 +1090,63 @@ def run_job(job: Job, crew: Crew | None = None) -> Path:
             follow(run, space, splits)  # until rank 0 ends the job
         run.notes.append(f"the supernet and the winners were trained data-parallel by {crew.ctx.world_size} "
                          f"processes (torchrun): steps of {crew.ctx.world_size} x the recipe's batch size")
-    settings = latency_settings(run, splits.num_classes)
-    table = run.step("lut", lambda: latency_table(run, space, settings))
-    targets = run.step("target", lambda: resolve_targets(run, space, settings, splits.num_classes))
-    binds = run.step("check", lambda: check_budgets(table, space, targets, run))
-    asha = cfg.search.searcher == "ray" and cfg.search.ray_mode == "asha"
-    supernets, supernet_paths = None, []
-    if asha and cfg.retrain.from_supernet:
-        raise UsageError(f"{cfg.source}: retrain.from_supernet is true, but Ray Tune with ASHA trains no supernet "
-                         f"(set search.ray_mode: supernet, or retrain.from_supernet: false)")
-    if asha:  # candidates are trained from scratch: no supernet to train
+    return run, space, splits
+
+
+def target_step(run: Run, space, settings, num_classes: int) -> TargetStep:
+    """The target step of the run's budgets: their reference (if any) measured as shipped, on the run's device."""
+    refs = {t.reference for t in run.job.targets if t.reference is not None}
+    name = next(iter(refs), None)  # one at most (`parse_targets`)
+    arch = reference_points(space)[name] if name is not None else None
+
+    def measure(arch_) -> tuple[dict[str, Any], bool]:
+        return measure_arch(run, space, arch_, settings, num_classes, "reference", measured_archs(run, space, settings))
+
+    return TargetStep(MachineFile(run.run_dir / "targets.json", machine(run, settings)), name, arch, run.statistic,
+                      measure)
+
+
+def supernet_phase(run: Run, space, splits) -> tuple[list | None, list[str]]:
+    """The supernets candidates are scored with, and the notes on them; none with Ray Tune's ASHA (the candidates
+    are trained from scratch), which skips the step."""
+    from experiments.supernets import default_store
+
+    cfg = run.cfg
+    if cfg.search.searcher == "ray" and cfg.search.ray_mode == "asha":
+        if cfg.retrain.from_supernet:
+            raise UsageError(f"{cfg.source}: retrain.from_supernet is true, but Ray Tune with ASHA trains no "
+                             f"supernet (set search.ray_mode: supernet, or retrain.from_supernet: false)")
         run.notes.append(f"Ray Tune with ASHA: each candidate trained from scratch for up to "
                          f"{cfg.search.asha_epochs} epoch(s); no supernet")
-    else:
-        supernets, supernet_paths = run.step("supernet", lambda: supernets_step(run, space, splits))
-        run.notes.append("supernet" + ("s" if len(supernet_paths) > 1 else "") + " used: "
-                         + ", ".join(f"`{p}`" for p in supernet_paths))
-        if len(supernets) > 1:
-            run.notes.append(f"each candidate scored by the mean of {len(supernets)} supernet replicas")
-        if cfg.retrain.from_supernet:
-            run.fine_tune_from = (supernets[0], supernet_paths[0])
-            run.notes.append(f"the winners were fine-tuned from the weights of `{supernet_paths[0]}` "
-                             f"(retrain.from_supernet), not trained from scratch")
-    table, calibration = run.step("calibrate", lambda: calibrate_now(run, space, table, settings, splits.num_classes,
-                                                                     targets, binds))
-    if calibration["archs"]:
-        run.notes.append(f"{len(calibration['archs'])} archs near the budget measured at least "
-                         f"{calibration['ratio']:.3f}x their table prediction on this machine; the search used "
-                         f"predictions rescaled by that")
-    evaluator = None if asha else Evaluator(supernets, splits, cfg.evaluate, seed=cfg.seed, device=run.device)
-    state = Shipping.load(run.run_dir / "ship.json", machine(run, settings))
-    if run.family:
-        result, families = search_family(run, space, splits, table, evaluator, targets, state, settings,
-                                         supernet_paths)
-    else:
-        result, families = search_one(run, space, splits, table, evaluator, targets[0], state, settings,
-                                      supernet_paths)
-    run.step("report", lambda: report(run, space, splits, table, evaluator, result, families, settings))
+        return None, []
+    supernets, paths = run.step(SupernetStep(space, splits, cfg, run.device, run.job.supernets,
+                                             run.job.supernet_store or default_store(), run.ctx, announcer(run.crew)))
+    run.notes.append("supernet" + ("s" if len(paths) > 1 else "") + " used: " + ", ".join(f"`{p}`" for p in paths))
+    if len(supernets) > 1:
+        run.notes.append(f"each candidate scored by the mean of {len(supernets)} supernet replicas")
+    if cfg.retrain.from_supernet:
+        run.fine_tune_from = (supernets[0], paths[0])
+        run.notes.append(f"the winners were fine-tuned from the weights of `{paths[0]}` (retrain.from_supernet), "
+                         f"not trained from scratch")
+    return supernets, paths
+
+
+def calibrate_step(run: Run, space, table, settings, num_classes: int, targets: Sequence[float],
+                   binds: Sequence[bool]) -> CalibrateStep:
+    """The calibrate step for the budgets that bind, measuring on the run's device."""
+    shared = measured_archs(run, space, settings)
+
+    def measure(arch) -> tuple[dict[str, Any], bool]:  # kept beside the table once the ratio is accepted
+        return measure_arch(run, space, arch, settings, num_classes, "calibrate", shared, keep=False)
+
+    return CalibrateStep(
+        MachineFile(run.run_dir / "calibration.json", machine(run, settings)), space, table,
+        binding=tuple(t for t, b in zip(targets, binds, strict=True) if b), count=run.cfg.latency.calibrate_archs,
+        seed=run.cfg.seed, statistic=run.statistic, num_classes=num_classes, shared=shared, measure=measure)
+
+
+def finish(run: Run, families: list[dict]) -> Path:
+    """The winners, one line each; a budget no candidate measured within is an error (exit code 2)."""
     print(f"done: report in {run.run_dir / 'report.md'}", file=sys.stderr)
     for family in families:
         for w in family["winners"]:
@@ -995,21 +1220,22 @@ def follow(run: Run, space, splits) -> NoReturn:
             raise Dismissed(code) from None
 
 
-def search_one(run: Run, space, splits, table, evaluator, target: float, state: Shipping, settings,
+def search_one(run: Run, space, splits, table, evaluator, targets: Sequence[float], state: Shipping, settings,
                supernet_paths: Sequence[str]) -> tuple[Any, list[dict]]:
     """One budget: search under it; if no candidate measures within it, search again with the table's target
-    lowered by the error measured (a margin learned from the measurements)."""
+    lowered by the error measured (a margin learned from the measurements). Each round is a study of its own
+    (search, search-r1, ...) with its trials-rN.csv."""
+    (target,) = targets
     table_target = target * (1.0 - run.cfg.latency.margin)
     rejected_all: list[dict] = []
-    label = run.job.targets[0].label
     for round_ in range(MAX_SEARCH_ROUNDS):
-        study = "search" if round_ == 0 else f"search-r{round_}"
+        study, key = ("search", None) if round_ == 0 else (f"search-r{round_}", f"round {round_ + 1}")
         searcher = make_searcher(run, space, table, evaluator, table_target, study, splits.num_classes,
                                  supernet_paths)
-        result = run.step("search", lambda s=searcher: s.run(run.cfg.search.trials))
+        result = run.step(SearchStep(searcher, run.cfg.search.trials), key)
         result.write_csv(run.run_dir / ("trials.csv" if round_ == 0 else f"trials-r{round_}.csv"))
-        winners, rejected = run.step("ship", lambda r=result: ship(run, space, splits, r.top(len(r.trials)), target,
-                                                                   None, state, settings))
+        ranked = result.top(len(result.trials))
+        winners, rejected = run.step(ship_step(run, space, splits, ranked, target, None, state, settings), key)
         rejected_all += rejected
         fastest = table.min_latency(space)
         if winners or not rejected or table_target <= fastest:
@@ -1022,6 +1248,7 @@ def search_one(run: Run, space, splits, table, evaluator, target: float, state: 
         print(note, file=sys.stderr)
         run.notes.append(note)
     _drop_empty(run.run_dir / "winners" / ".staging")
+    label = run.job.targets[0].label
     return result, [{"label": label, "target_ms": target, "winners": winners, "rejected": rejected_all}]
 
 
@@ -1035,18 +1262,32 @@ def search_family(run: Run, space, splits, table, evaluator, targets: Sequence[f
     margin = 1.0 - run.cfg.latency.margin
     searcher = make_searcher(run, space, table, evaluator, targets[-1] * margin, "search", splits.num_classes,
                              supernet_paths)
-    result = run.step("search", lambda: searcher.run(run.cfg.search.trials))
+    result = run.step(SearchStep(searcher, run.cfg.search.trials))
     result.write_csv(run.run_dir / "trials.csv")
     ranked = result.top(len(result.trials))
     families = []
     for spec, target in zip(run.job.targets, targets, strict=True):
         candidates = [t for t in ranked if t.predicted_ms <= target * margin]
-        winners, rejected = run.step("ship", lambda c=candidates, t=target, s=spec: ship(
-            run, space, splits, c, t, s.label, state, settings))
+        step = ship_step(run, space, splits, candidates, target, spec.label, state, settings)
+        winners, rejected = run.step(step, spec.label)
         families.append({"label": spec.label, "target_ms": target, "winners": winners, "rejected": rejected})
     run.notes.append(f"one multi-objective study of {run.cfg.search.trials} trials served the {len(targets)} budgets")
     _drop_empty(run.run_dir / "winners" / ".staging")
     return result, families
+
+
+def ship_step(run: Run, space, splits, candidates, target_ms: float, label: str | None, state: Shipping,
+              settings) -> ShipStep:
+    """The ship step of one budget, measuring and retraining with the run's device, settings and recipe."""
+    num_classes = splits.num_classes
+
+    def retrain(arch, candidate, folder: Path) -> dict[str, Any]:
+        return retrain_and_stage(run, space, splits, arch, candidate, target_ms, label, settings, folder)
+
+    return ShipStep(state, tuple(candidates), target_ms, label, top_k=run.cfg.search.top_k, run_dir=run.run_dir,
+                    decode=type(space.largest()).decode, cost=lambda arch: space.cost(arch, num_classes),
+                    judge=lambda arch: judge_untrained(run, space, arch, num_classes, target_ms, settings),
+                    retrain=retrain)
 
 
 def _drop_empty(folder: Path) -> None:
@@ -1057,13 +1298,33 @@ def _drop_empty(folder: Path) -> None:
 # ---- report -------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ReportStep(Step):
+    """report.md and pareto.png, written every run: they report this run's notes and each step's seconds (the
+    reference archs' measurements are kept in references.json, with the machine that measured them)."""
+
+    name: ClassVar[str] = "report"
+    artifact: ClassVar[str] = "report.md, pareto.png"
+    run: Run
+    space: Any
+    table: Any
+    evaluator: Any
+    result: Any
+    families: tuple[dict, ...]
+    settings: Any
+    splits: Any
+
+    def make(self) -> None:
+        report(self.run, self.space, self.splits, self.table, self.evaluator, self.result, list(self.families),
+               self.settings)
+
+
 def report(run: Run, space, splits, table, evaluator, result, families: list[dict], settings) -> None:
     from experiments.report import Marker, plot_pareto, write_report
-    from search_space.files import atomic_write
 
     refs = []
-    path = run.run_dir / "references.json"
-    measured = cached(path, machine(run, settings)) or {"machine": machine(run, settings), "ms": {}}
+    file = MachineFile(run.run_dir / "references.json", machine(run, settings))
+    measured = file.read() or {"ms": {}}
     shared = measured_archs(run, space, settings)
     compared = compared_names(run.job)
     known = reference_points(space)
@@ -1071,7 +1332,7 @@ def report(run: Run, space, splits, table, evaluator, result, families: list[dic
         if name not in measured["ms"]:
             record, _ = measure_arch(run, space, arch, settings, splits.num_classes, "reference", shared)
             measured["ms"][name] = record[f"{run.statistic}_ms"]
-            atomic_write(path, lambda f: json.dump(measured, f, indent=1))
+            measured = file.write(measured)
         refs.append({"name": name, "arch": arch.encode(), "predicted_ms": table.predict(arch),
                      "measured_ms": measured["ms"][name],
                      "accuracy": evaluator.evaluate(arch) if evaluator else float("nan"),
@@ -1107,12 +1368,18 @@ def retrain_reference(run: Run, space, splits, name: str, arch) -> dict[str, Any
         run.crew.order(**order, sees=sees(order))
     trained = retrain(space, arch, splits, run.cfg, folder / "retrain", device=run.device, ctx=run.ctx,
                       init_from=init[0] if init else None)
-    key = "report: retraining references"
-    run.steps[key] = run.steps.get(key, 0.0) + time.perf_counter() - start
+    run.pipeline.add("report: retraining references", time.perf_counter() - start)
     result = {"retrained": {"val_accuracy": trained.val_accuracy, "test_accuracy": trained.test_accuracy,
                             "seed": run.cfg.seed, "recipe": run.cfg.to_dict()["retrain"]}}
     atomic_write(path, lambda f: json.dump(result, f, indent=1))
     return result
+
+
+# The job's steps, in order: the progress lines are numbered from this list, and a rerun loads each step that is
+# done (see `experiments.steps`).
+PIPELINE: tuple[type[Step], ...] = (LutStep, TargetStep, CheckStep, SupernetStep, CalibrateStep, SearchStep, ShipStep,
+                                    ReportStep)
+STEPS = [step.name for step in PIPELINE]
 
 
 def main(argv: list[str] | None = None) -> int:

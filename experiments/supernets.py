@@ -19,6 +19,7 @@ takes the lock; the other ranks train the entry it names (`train_entry`), togeth
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,18 @@ class SupernetEntry:
     def checkpoint(self) -> Path:
         return self.folder / SUPERNET_CHECKPOINT
 
+    def finished(self, epochs: int) -> bool:
+        """Whether its training is over: a checkpoint, and a supernet.json recording `epochs` epochs or more
+        (written after the last epoch's checkpoint, so a trainer killed between the two has not finished)."""
+        summary = self.folder / "supernet.json"
+        if not (self.checkpoint.exists() and summary.exists()):
+            return False
+        try:
+            history = json.loads(summary.read_text()).get("history", [])
+        except (json.JSONDecodeError, AttributeError):
+            return False
+        return len(history) >= epochs
+
 
 def supernet_identity(space: SearchSpace, cfg: ExperimentConfig, num_classes: int, seed: int) -> dict[str, Any]:
     """What one supernet depends on, as `train_supernet` records it in its checkpoint."""
@@ -65,6 +78,13 @@ def entry_for(store: Path, space: SearchSpace, cfg: ExperimentConfig, num_classe
     identity = supernet_identity(space, cfg, num_classes, seed)
     name = f"{space.name}-{cfg.data.name}-{fingerprint({k: v for k, v in identity.items() if k != 'seed'})}-s{seed}"
     return SupernetEntry(Path(store) / (name if world_size == 1 else f"{name}-w{world_size}"), identity)
+
+
+def replica_entries(store: str | Path, space: SearchSpace, cfg: ExperimentConfig, num_classes: int,
+                    world_size: int = 1) -> list[SupernetEntry]:
+    """The store's folders for the recipe's `supernet.replicas` supernets, replica k with seed `cfg.seed + k`."""
+    return [entry_for(Path(store), space, cfg, num_classes, cfg.seed + k, world_size)
+            for k in range(cfg.supernet.replicas)]
 
 
 def shared_supernets(space: SearchSpace, splits: Splits, cfg: ExperimentConfig, store: str | Path, *,
@@ -86,9 +106,8 @@ def shared_supernets(space: SearchSpace, splits: Splits, cfg: ExperimentConfig, 
     """
     ctx = ctx or DistContext()
     supernets, paths = [], []
-    for k in range(cfg.supernet.replicas):
-        seed = cfg.seed + k
-        entry = entry_for(Path(store), space, cfg, splits.num_classes, seed, ctx.world_size)
+    for k, entry in enumerate(replica_entries(store, space, cfg, splits.num_classes, ctx.world_size)):
+        seed = entry.identity["seed"]
         entry.folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(entry.folder) + ".lock")
         try:

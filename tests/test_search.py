@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -409,6 +410,7 @@ def test_interrupted_inside_each_step_resumes(config, lut, loose, tmp_path, caps
     monkeypatch.setattr(search, "MEASURE_BUDGET", QUICK)
     code, err = run(args, capsys)
     assert code == 0, err
+    assert f"] {where} (resuming)" in err
     steps = json.loads((tmp_path / "run" / "steps.json").read_text())
     assert {"lut", "supernet", "search", "ship", "report"} <= set(steps)
     if where == "search":
@@ -423,11 +425,17 @@ def test_interrupted_inside_each_step_resumes(config, lut, loose, tmp_path, caps
 
 
 def test_rerun_after_success_redoes_nothing(config, lut, loose, tmp_path, capsys):
+    """Every step that leaves an artifact is loaded; the budget (in milliseconds, binding nothing) needs no
+    measurement, and the check and the report are made every run."""
     args = base_args(config, lut, loose, tmp_path / "run")
     assert run(args, capsys)[0] == 0
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.suffix in (".pt", ".onnx", ".pt2")}
-    assert run(args, capsys)[0] == 0
+    code, err = run(args, capsys)
+    assert code == 0, err
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert re.findall(r"^\[\d/8\] .*$", err, flags=re.MULTILINE) == [
+        "[1/8] lut (loaded)", "[2/8] target", "[3/8] check", "[4/8] supernet (loaded)", "[5/8] calibrate",
+        "[6/8] search (loaded)", "[7/8] ship (loaded)", "[8/8] report"]
 
 
 # ---- scripted measurements: the decisions themselves ---------------------------------------------------------------

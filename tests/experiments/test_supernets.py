@@ -52,13 +52,21 @@ def test_the_key_is_what_determines_a_supernet(short, space, tmp_path):
 
 
 def test_trained_once_then_loaded(short, space, splits, tmp_path, monkeypatch, one_thread):
+    """Trained once; then loaded, by the store or from its checkpoint alone (as a finished step is): the same
+    weights."""
+    from experiments.checkpoints import load_supernet
+
     epochs = _count_epochs(monkeypatch)
+    entry = entry_for(tmp_path, space, short, splits.num_classes, short.seed)
+    assert not entry.finished(short.supernet.epochs)
     first, paths = shared_supernets(space, splits, short, tmp_path, device="cpu", progress=False)
     assert epochs == [0, 1] and paths[0].exists()
+    assert entry.finished(short.supernet.epochs) and not entry.finished(short.supernet.epochs + 1)
     again, _ = shared_supernets(space, splits, short, tmp_path, device="cpu", progress=False)
     assert epochs == [0, 1]  # nothing trained the second time
-    for (k, v), w in zip(first[0].state_dict().items(), again[0].state_dict().values(), strict=True):
-        assert (v == w).all(), k
+    for loaded in (again[0], load_supernet(entry.checkpoint)):
+        for (k, v), w in zip(first[0].state_dict().items(), loaded.state_dict().values(), strict=True):
+            assert (v == w).all(), k
 
 
 def test_a_second_process_waits_for_the_trainer_then_reuses_its_supernet(short, space, splits, tmp_path, capfd,
@@ -114,9 +122,11 @@ def test_a_killed_trainer_is_continued_from_its_last_checkpoint(cfg, space, spli
     assert entry.checkpoint.exists(), "the trainer wrote no checkpoint"
     child.send_signal(signal.SIGKILL)
     child.wait()
+    assert not entry.finished(long.supernet.epochs)
     epochs = _count_epochs(monkeypatch)
     shared_supernets(space, splits, long, tmp_path, device="cpu", progress=False)
     assert epochs and epochs[0] > 0 and epochs[-1] == 7  # continued, not restarted
+    assert entry.finished(long.supernet.epochs)
 
 
 def test_a_supernet_of_another_recipe_passed_by_path_is_refused(short, space, splits, tmp_path, one_thread):
