@@ -215,7 +215,7 @@ def markdown(results: list[dict], n: int) -> str:
         f"({', '.join(sorted({r['report'].get('statistic', 'best-round') for r in results}))}) over every call of "
         "its measurement, which the correction is fitted to. Held-out archs were not used for the correction. "
         "`imagenet-eager-isolated` times each eager op alone instead (the alternative design), for comparison. Load "
-        "average: other engineers' jobs on the same two cores, at the start and end of each case.",
+        "average at the start and end of each case: above 1, other processes shared the two cores.",
         "",
         "| table | entries | profile (s, wall) | validate (s, wall) | held-out MAPE | within ±5% | within ±10% | "
         "max err | Kendall τ | uncorrected MAPE / within ±10% | noise: round spread / repeatability (median) | "
