@@ -993,23 +993,31 @@ def judge_untrained(run: Run, space, arch, num_classes: int, target_ms: float, s
     return verdict(run, lambda: measure_model(run, model, settings), target_ms)
 
 
+def retrain_everywhere(run: Run, space, splits, arch, run_dir: Path, part: str):
+    """`arch` retrained with the run's recipe in `run_dir` (resumable), from the supernet when the recipe says so;
+    under torchrun every rank trains it (rank 0 posts the order first). Its seconds go to steps.json as `part`."""
+    from experiments.training import retrain
+
+    start = time.perf_counter()
+    init = run.fine_tune_from
+    if run.crew is not None:
+        order = {"do": "retrain", "arch": arch.encode(), "run_dir": str(run_dir), "supernet": init[1] if init else None}
+        run.crew.order(**order, sees=sees(order))
+    trained = retrain(space, arch, splits, run.cfg, run_dir, device=run.device, ctx=run.ctx,
+                      init_from=init[0] if init else None)
+    run.pipeline.add(part, time.perf_counter() - start)
+    return trained
+
+
 def retrain_and_stage(run: Run, space, splits, arch, candidate, target_ms: float, label: str | None, settings,
                       folder: Path) -> dict[str, Any]:
     """Retrain `arch` (resumable, in RUN_DIR/retrain/), export it into a staging folder, measure its shipped file
     there, and move the folder to `folder` when it is within `target_ms`. Returns the model card."""
     from experiments.export import export_all
-    from experiments.training import retrain
     from latency_lut import SHIPPED_FILES
 
     code = arch.encode()
-    start = time.perf_counter()
-    if run.crew is not None:
-        order = {"do": "retrain", "arch": code, "run_dir": str(run.run_dir / "retrain" / code),
-                 "supernet": run.fine_tune_from[1] if run.fine_tune_from else None}
-        run.crew.order(**order, sees=sees(order))
-    trained = retrain(space, arch, splits, run.cfg, run.run_dir / "retrain" / code, device=run.device, ctx=run.ctx,
-                      init_from=run.fine_tune_from[0] if run.fine_tune_from else None)
-    run.pipeline.add("ship: retraining", time.perf_counter() - start)
+    trained = retrain_everywhere(run, space, splits, arch, run.run_dir / "retrain" / code, "ship: retraining")
     model = trained.model.cpu().eval()  # exported and measured from the CPU; the child moves it to the device
     staging = run.run_dir / "winners" / ".staging" / f"{label or 'run'}-{code}"
     shutil.rmtree(staging, ignore_errors=True)  # a kill mid-export leaves nothing that counts
@@ -1353,22 +1361,13 @@ def retrain_reference(run: Run, space, splits, name: str, arch) -> dict[str, Any
     """`--compare-references`: `arch` retrained with the winners' recipe and seed (resumable, in
     RUN_DIR/references/<name>/retrain/), under `retrained` its validation and test accuracy (kept in
     RUN_DIR/references/<name>/result.json, so a rerun trains nothing)."""
-    from experiments.training import retrain
     from search_space.files import atomic_write
 
     folder = run.run_dir / "references" / name
     path = folder / "result.json"
     if path.exists():
         return json.loads(path.read_text())
-    start = time.perf_counter()
-    init = run.fine_tune_from
-    if run.crew is not None:
-        order = {"do": "retrain", "arch": arch.encode(), "run_dir": str(folder / "retrain"),
-                 "supernet": init[1] if init else None}
-        run.crew.order(**order, sees=sees(order))
-    trained = retrain(space, arch, splits, run.cfg, folder / "retrain", device=run.device, ctx=run.ctx,
-                      init_from=init[0] if init else None)
-    run.pipeline.add("report: retraining references", time.perf_counter() - start)
+    trained = retrain_everywhere(run, space, splits, arch, folder / "retrain", "report: retraining references")
     result = {"retrained": {"val_accuracy": trained.val_accuracy, "test_accuracy": trained.test_accuracy,
                             "seed": run.cfg.seed, "recipe": run.cfg.to_dict()["retrain"]}}
     atomic_write(path, lambda f: json.dump(result, f, indent=1))
