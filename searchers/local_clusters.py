@@ -205,8 +205,9 @@ class LocalRayCluster:
         return [p for p in _pids_with(f"--node_manager_port={self.node_ports[k]}") if str(self.folder) in _cmdline(p)]
 
     def running(self, k: int, task: str = "ImplicitFunc") -> bool:
-        """Whether node `k` runs a `task` now (Ray names a busy worker process `ray::<task>...`; Tune trials
-        are ImplicitFunc actors)."""
+        """Whether node `k` runs a `task` now (Ray names a busy worker process `ray::<task>...`). Tune trials are
+        ImplicitFunc actors, titled `ray::ImplicitFunc.train` only while the trial's function runs: before its
+        first report and after its last, the actor is alive but has nothing to lose."""
         return any(_cmdline(c).startswith(f"ray::{task}") for p in self._raylets(k) for c in _children(p))
 
     def stop_node(self, k: int) -> None:

@@ -17,11 +17,12 @@ TINY = ROOT / "experiments" / "spaces" / "tiny.yaml"
 
 
 def tiny_job_config(folder: Path, *, trials: int = 3, bn_calibration_images: int = 32,
-                    calibrate_archs: int | None = None) -> Path:
-    """synthetic.yaml on the tiny space with 256 images, one epoch of supernet and of retraining, one winner."""
+                    calibrate_archs: int | None = None, images: int = 256) -> Path:
+    """synthetic.yaml on the tiny space with `images` training images (a quarter as many to validate on), one
+    epoch of supernet and of retraining, one winner."""
     raw = yaml.safe_load(SYNTHETIC.read_text())
     raw["space"] = str(TINY)
-    raw["data"]["synthetic_size"] = 256
+    raw["data"]["synthetic_size"] = images
     raw["supernet"].update(epochs=1)
     raw["retrain"].update(epochs=1)
     raw["evaluate"].update(bn_calibration_images=bn_calibration_images)

@@ -74,11 +74,20 @@ def test_search_py_runs_trials_on_both_nodes(ray_cluster, job_config, job_lut, j
     assert len(nodes) == 2, nodes  # "ip/node-id": both nodes of this machine ran trials
 
 
-def test_a_worker_node_lost_mid_search_is_survived(ray_cluster, job_config, job_lut, job_target, tmp_path):
+@pytest.fixture(scope="module")
+def long_trials_config(tmp_path_factory) -> Path:
+    """The tiny job with 32x the images: each trial scores for seconds, so a node can be lost in the middle of one."""
+    from tests.tiny_job import tiny_job_config
+
+    return tiny_job_config(tmp_path_factory.mktemp("long"), trials=TRIALS, bn_calibration_images=2048, images=8192)
+
+
+def test_a_worker_node_lost_mid_search_is_survived(ray_cluster, long_trials_config, job_lut, job_target, tmp_path):
     run_dir = tmp_path / "run"
-    driver = subprocess.Popen(_command(job_config, job_lut, job_target, run_dir, ray_cluster), cwd=tmp_path,
+    driver = subprocess.Popen(_command(long_trials_config, job_lut, job_target, run_dir, ray_cluster), cwd=tmp_path,
                               env=ray_cluster.env(), stderr=subprocess.PIPE, text=True)
-    _wait(lambda: _complete(run_dir) >= 1 and ray_cluster.running(1), what="a trial on the worker node")
+    _wait(lambda: _complete(run_dir) >= 1 and ray_cluster.running(1, "ImplicitFunc.train"),
+          what="a trial scoring on the worker node")
     ray_cluster.stop_node(1)
     err = driver.communicate(timeout=600)[1]
     assert driver.returncode == 0, err
