@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 CONFIGS = Path(__file__).resolve().parent / "experiments"
 DEFAULT_CONFIG = CONFIGS / "fashion_mnist.yaml"
-CALIBRATION_ARCHS = 20  # archs measured end to end to fit a new table's correction (scale + overhead)
+CALIBRATION_ARCHS = 60  # archs measured end to end to fit a new table's correction (half of them; the rest check it)
 MAX_SEARCH_ROUNDS = 3  # a search rerun with a tighter table target when no candidate measures under the budget
 VERDICT_TRIES = 3  # measurements at most before a candidate is called over the budget
 RETRY_BAND = 1.6  # ... when the first one is over it by less than this factor

@@ -1,6 +1,6 @@
 """Latency tables on this CPU: profile time and size, held-out accuracy, and prediction throughput.
 
-    .venv/bin/python benchmarks/bench_lut.py [--work-dir DIR] [--n 50] [--skip-imagenet-ort] [--only NAME ...]
+    .venv/bin/python benchmarks/bench_lut.py [--work-dir DIR] [--n 300] [--skip-imagenet-ort] [--only NAME ...]
     .venv/bin/python benchmarks/bench_lut.py --work-dir DIR --report-only     # rewrite the results file only
     .venv/bin/python benchmarks/bench_lut.py --throughput-only [--archs 100000]  # prediction speed alone
 
@@ -8,7 +8,7 @@ For each case (space x runtime) it runs the two commands a user runs, in a fresh
 (default: a new temporary folder):
 
     python -m latency_lut profile  --space SPACE --runtime R --num-classes C --out DIR/NAME.json --quiet
-    python -m latency_lut validate --lut DIR/NAME.json --space SPACE --n 50 --seed 0 --report-dir DIR --quiet
+    python -m latency_lut validate --lut DIR/NAME.json --space SPACE --n 300 --seed 0 --report-dir DIR --quiet
 
 CPU, 1 thread, batch 1, float32; heavy steps run one at a time (the machine has two shared cores). Writes
 benchmarks/results/lut_cpu.md.
@@ -74,7 +74,7 @@ def case(work: Path, name: str, space_file: str, runtime: str, method: str | Non
     lut.unlink(missing_ok=True)  # a fresh table: profile would otherwise continue an old one
     load_before = os.getloadavg()[0]
     validate_cmd = [sys.executable, "-m", "latency_lut", "validate", "--lut", str(lut), "--space", space, "--n",
-                    str(n), "--seed", "0", "--report-dir", str(work), "--quiet"]
+                    str(n), "--seed", "0", "--calibrate-frac", "0.5", "--report-dir", str(work), "--quiet"]
     profile_s = run(profile_cmd)
     table = json.loads(lut.read_text())
     validate_s = run(validate_cmd)
@@ -100,20 +100,26 @@ def measured_at(results: list[dict], key: str) -> str:
     return ", ".join(values) if values else now
 
 
-def cross_validated(report: dict, splits: int = 200, frac: float = 0.4) -> dict:
-    """Held-out accuracy over many random calibration splits of the same measurements (less luck than one split)."""
-    from latency_lut.validation import fit_correction
+def cross_validated(report: dict, splits: int = 50, frac: float = 0.5) -> dict:
+    """Held-out accuracy over many random calibration splits of the same measurements (less luck than one split),
+    each fitted as the report's was (the line, and the op factors with the report's ridge penalty)."""
+    from latency_lut import LatencyTable
+    from latency_lut.validation import fit
+    from search_space import Arch
 
-    raw = np.array([a["uncorrected_ms"] for a in report["archs"]])
-    measured = np.array([a["measured_ms"] for a in report["archs"]])
+    table = LatencyTable.load(report["table"]).plain()
+    archs = [Arch.decode(a["arch"]) for a in report["archs"]]
+    measured = np.array([a["measured_ms"] for a in report["archs"]]) * 1e3
+    how, ridge = report.get("fit", "linear"), report["correction"].get("ridge") or None
     rng = np.random.default_rng(0)
-    n_cal = int(round(frac * len(raw)))
+    n_cal = int(round(frac * len(archs)))
     within, mape = [], []
     for _ in range(splits):
-        order = rng.permutation(len(raw))
+        order = rng.permutation(len(archs))
         cal, held = order[:n_cal], order[n_cal:]
-        scale, overhead_us, _ = fit_correction(raw[cal] * 1e3, measured[cal] * 1e3)
-        error = np.abs((scale * raw[held] + overhead_us / 1e3) / measured[held] - 1) * 100
+        correction = fit(table, [archs[i] for i in cal], measured[cal], how, ridge=ridge)
+        fitted = LatencyTable(table.fingerprint, table.geometry, table.entries, correction)
+        error = np.abs(fitted.predict_many([archs[i] for i in held]) * 1e3 / measured[held] - 1) * 100
         within.append(np.mean(error <= 10))
         mape.append(np.mean(error))
     return {"mape": float(np.mean(mape)), "within_10": float(np.mean(within)),
@@ -213,7 +219,9 @@ def markdown(results: list[dict], n: int) -> str:
         "(`insitu`), ONNX Runtime tables time each op as its own session (`isolated`); an op entry is its median "
         "in the fastest of several interleaved rounds, and a network's measured latency is the table's statistic "
         f"({', '.join(sorted({r['report'].get('statistic', 'best-round') for r in results}))}) over every call of "
-        "its measurement, which the correction is fitted to. Held-out archs were not used for the correction. "
+        "its measurement, which the correction is fitted to: a line (`scale * sum + overhead`), then a factor per "
+        "op for what it costs inside whole networks (ridge regression, `--fit ops`). Held-out archs were not used "
+        "for the correction. "
         "`imagenet-eager-isolated` times each eager op alone instead (the alternative design), for comparison. Load "
         "average at the start and end of each case: above 1, other processes shared the two cores.",
         "",
@@ -230,27 +238,32 @@ def markdown(results: list[dict], n: int) -> str:
             f"{h['kendall_tau']:.3f} | {u['mape']:.2f}% / {u['within_10'] * 100:.0f}% | "
             f"{noise['round_spread_median'] * 100:.1f}% / {noise['repeatability_median'] * 100:.1f}% | "
             f"{r['load'][0]:.1f} → {r['load'][1]:.1f} |")
-    lines += ["", f"Validation: {n} sampled archs (seed 0), 40% calibrate the correction (scale, overhead), the other "
-              f"60% are held out. The same measurements, re-split at random 200 times (one split is luck too):", "",
+    lines += ["", f"Validation: {n} sampled archs (seed 0), half calibrate the correction, the other half are held "
+              "out. The same measurements, re-split at random 50 times (one split is luck too), each split fitted "
+              "alike (the op factors with the seed 0 split's penalty), and fitted with the line alone:", "",
               "| table | correction fitted (seed 0 split) | mean held-out MAPE | mean within ±10% | "
-              "5th-percentile split within ±10% |", "|---|---|---|---|---|"]
+              "5th-percentile split within ±10% | the line alone: mean within ±10% |", "|---|---|---|---|---|---|"]
     for r in results:
         c, cv = r["report"]["correction"], cross_validated(r["report"])
-        lines.append(f"| {r['name']} | scale {c['scale']:.4f}, overhead {c['overhead_us']:.1f} us | "
-                     f"{cv['mape']:.2f}% | {cv['within_10'] * 100:.1f}% | {cv['within_10_p5'] * 100:.0f}% |")
+        line_only = cross_validated({**r["report"], "fit": "linear"})
+        factors = (f", {r['report']['op_factors']} op factors (ridge {c['ridge']:g})"
+                   if r["report"].get("op_factors") else "")
+        lines.append(f"| {r['name']} | scale {c['scale']:.4f}, overhead {c['overhead_us']:.1f} us{factors} | "
+                     f"{cv['mape']:.2f}% | {cv['within_10'] * 100:.1f}% | {cv['within_10_p5'] * 100:.0f}% | "
+                     f"{line_only['within_10'] * 100:.1f}% |")
     lines += ["", "Reading the table:", "",
               "- *uncorrected*: the plain sum of the op entries (and the per-call overhead entry); *held-out*: after "
-              "the correction `scale * sum + overhead` fitted on the calibration archs.",
+              "the correction fitted on the calibration archs.",
               "- *round spread*: how much slower the typical round was than the fastest, i.e. the machine's noise "
               "during the validation; *repeatability*: how far the estimate from the even rounds lies from the "
               "estimate from the odd rounds, i.e. the error floor of one measured latency here.",
               "- Eager tables time each op inside probe networks (`insitu`): its input was just written by the op "
               "before it, as in a network. Ops timed alone (the `isolated` row, and every ONNX Runtime table, whose "
               "sessions cannot be timed op by op) find their weights hot in cache and miss what ONNX Runtime does "
-              "across op boundaries in a whole network. The correction is one line, `scale * sum + overhead`: it "
-              "carries the per-call cost, the statistic (p50 over every call of a network against each op's "
-              "fastest round) and, for isolated ops, only the average of their per-op gaps. The two imagenet eager "
-              "rows, measured alike, show what timing ops in place is worth.",
+              "across op boundaries in a whole network. The correction's line carries the per-call cost and the "
+              "statistic (p50 over every call of a network against each op's fastest round); its op factors carry "
+              "each op's own gap between its entry and what it costs inside networks, learnt from the calibration "
+              "networks. The two imagenet eager rows, measured alike, show what timing ops in place is worth.",
               "- Every measurement pins glibc's mmap/trim thresholds (`latency_lut.timing.pin_allocator`); without "
               "it, page faults on large activations depend on the process's history (one unit measured 0.76 ms "
               "in one process and 1.45 ms in another).",
@@ -266,7 +279,7 @@ def markdown(results: list[dict], n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work-dir", type=Path, help="where tables and reports go (default: a new temp folder)")
-    parser.add_argument("--n", type=int, default=50, help="archs per validation (default 50)")
+    parser.add_argument("--n", type=int, default=300, help="archs per validation (default 300)")
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
     parser.add_argument("--skip-imagenet-ort", action="store_true", help="skip the imagenet onnxruntime case")
     parser.add_argument("--archs", type=int, default=100_000, help="archs per space for the throughput figure")

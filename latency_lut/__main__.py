@@ -2,7 +2,7 @@
 
     python -m latency_lut profile --space experiments/spaces/imagenet.yaml --device cpu [--threads 1] [--out FILE]
     python -m latency_lut profile --space experiments/spaces/imagenet.yaml --device cuda --runtime cudagraph
-    python -m latency_lut validate --lut FILE --space experiments/spaces/imagenet.yaml [--n 50] [--seed 0]
+    python -m latency_lut validate --lut FILE --space experiments/spaces/imagenet.yaml [--n 100] [--fit ops]
     python -m latency_lut show --lut FILE [--space SPACE.yaml] [--arch CODE]
     python -m latency_lut measure runs/.../winners/1-<arch>/model.onnx --device cpu [--json]
     python -m latency_lut measure runs/.../winners/1-<arch>/model.pt2 --device cuda --runtime cudagraph
@@ -72,9 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="measure sampled archs, fit the table's correction, report held-out error")
     v.add_argument("--lut", required=True, type=Path, help="table file (its correction is updated)")
     v.add_argument("--space", required=True, help="space YAML file the archs are sampled from")
-    v.add_argument("--n", type=_positive_int, default=50, help="archs to measure (default 50)")
+    v.add_argument("--n", type=_positive_int, default=100, help="archs to measure (default 100)")
     v.add_argument("--seed", type=int, default=0, help="sampling and split seed (default 0)")
-    v.add_argument("--calibrate-frac", type=float, default=0.4, help="share used to fit the correction (0.4)")
+    v.add_argument("--calibrate-frac", type=float, default=0.5, help="share used to fit the correction (0.5)")
+    v.add_argument("--fit", choices=("ops", "linear"), default="ops",
+                   help="ops (default): scale * sum + overhead, then a factor per op fitted to the networks "
+                        "(10 calibration archs or more); linear: the line alone")
     v.add_argument("--report-dir", type=Path, help="where the JSON report and PNG go (default: beside the table)")
     v.add_argument("--device", help="where to measure (default: the table's device kind)")
     v.add_argument("--rounds", type=_positive_int, default=6, help="interleaved rounds per arch (default 6)")
@@ -143,7 +146,8 @@ def _run(args: argparse.Namespace) -> int:
                         max_calls=DEFAULT_BUDGET.max_calls, warmup=DEFAULT_BUDGET.warmup)
         report = validate(args.lut, space, n=args.n, seed=args.seed, calibrate_frac=args.calibrate_frac,
                           report_dir=args.report_dir, device=args.device, allow_mismatch=args.allow_mismatch,
-                          budget=budget, progress=not args.quiet, save=not args.no_save)
+                          budget=budget, progress=not args.quiet, save=not args.no_save,
+                          how=args.fit)
         _print_validation(report)
         return 0
 
@@ -162,7 +166,9 @@ def _run(args: argparse.Namespace) -> int:
           f"{fp.torch_version}")
     print(f"  method {table.info.get('method')}, spaces {table.info.get('spaces')}, complete "
           f"{table.info.get('complete')}, {table.info.get('profile_seconds', 0.0):.0f} s of profiling")
-    print(f"  correction: scale {c.scale:.4f}, overhead {c.overhead_us:.1f} us, fitted on {c.fitted_on} archs")
+    factors = (f", {len(c.op_factors)} op factors (ridge {c.ridge:g})" if c.op_factors else "")
+    print(f"  correction: scale {c.scale:.4f}, overhead {c.overhead_us:.1f} us{factors}, fitted on {c.fitted_on} "
+          f"archs")
     if args.space:
         space = SearchSpace.from_yaml(args.space)
         missing = table.missing(space)
@@ -210,7 +216,8 @@ def _print_validation(report: dict) -> None:
               f"{m['within_10'] * 100:5.1f}%  max {m['max_error']:5.1f}%  bias {m['bias']:+5.2f}%  Kendall tau "
               f"{m['kendall_tau']:.3f}")
     c, noise = report["correction"], report["noise"]
-    print(f"correction            scale {c['scale']:.4f}, overhead {c['overhead_us']:.1f} us (fitted on "
+    factors = f", {report['op_factors']} op factors (ridge {c['ridge']:g})" if report["op_factors"] else ""
+    print(f"correction            scale {c['scale']:.4f}, overhead {c['overhead_us']:.1f} us{factors} (fitted on "
           f"{c['fitted_on']} archs)")
     print(f"measurement noise     round spread median {noise['round_spread_median'] * 100:.1f}%, repeatability "
           f"median {noise['repeatability_median'] * 100:.1f}% (p90 {noise['repeatability_p90'] * 100:.1f}%)")

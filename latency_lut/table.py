@@ -1,7 +1,8 @@
 """The latency table: measured ops of one device, a correction, and predictions for whole archs.
 
 A prediction is additive: the sum of the medians of an arch's ops (stem, units, head and the per-call overhead),
-then the table's correction, ``scale * sum + overhead``, fitted by `python -m latency_lut validate`. Units are
+each times its op factor, then the table's correction, ``scale * sum + overhead``; `python -m latency_lut validate`
+fits both to whole networks measured end to end (ops without a factor count once). Units are
 independent given the stage widths, so the fastest and slowest archs of a space follow exactly from a dynamic
 programme over the chain of stage widths.
 
@@ -11,7 +12,8 @@ File format (JSON, written atomically)::
      "fingerprint": {...device, software and settings, see Fingerprint...},
      "geometry": {"input_size": 224, "in_channels": 3, "stem_kind": "imagenet", "split_multiple": 2},
      "info": {"space": "imagenet", "method": "insitu", "complete": true, ...},
-     "correction": {"scale": 1.02, "overhead_us": 150.0, "fitted_on": 20, ...} or null,
+     "correction": {"scale": 1.02, "overhead_us": 150.0, "fitted_on": 20, ...,
+                    "op_factors": [{"op": {...}, "factor": 1.08}, ...]} or null,
      "entries": [{"op": {"kind": "unit", "in_channels": 116, ...}, "median_us": 211.0, "p10_us": 205.2,
                   "p90_us": 260.1, "n": 9}, ...]}
 """
@@ -61,7 +63,7 @@ class Entry:
 
 @dataclass(frozen=True)
 class Correction:
-    """What maps a sum of op medians to a network's latency: ``scale * sum + overhead_us``.
+    """What maps an arch's op medians to its latency: ``scale * sum(factor(op) * median(op)) + overhead_us``.
 
     Attributes:
         scale: multiplies the sum of op medians (positive).
@@ -71,6 +73,10 @@ class Correction:
         seed: seed that sampled them.
         fitted_at: when (ISO 8601, UTC).
         loss: the fit's loss on relative residuals ("soft_l1" or "linear").
+        op_factors: (op, factor) pairs, sorted by op: what one op costs inside whole networks against its entry,
+            fitted by ridge regression on the measured networks (`validation.fit_op_factors`); ops not listed
+            count once. Empty for a correction that is one line.
+        ridge: the ridge penalty the factors were fitted with (0 without factors).
     """
 
     scale: float = 1.0
@@ -80,15 +86,25 @@ class Correction:
     seed: int = 0
     fitted_at: str = ""
     loss: str = ""
+    op_factors: tuple[tuple[OpSignature, float], ...] = ()
+    ridge: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"correction scale must be a positive number, got {self.scale!r}")
         if not (isinstance(self.overhead_us, (int, float)) and math.isfinite(self.overhead_us)):
             raise ValueError(f"correction overhead_us must be a finite number, got {self.overhead_us!r}")
+        for op, factor in self.op_factors:
+            if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+                raise ValueError(f"correction factor of {op}: expected a positive number, got {factor!r}")
 
     def apply_us(self, total_us: float | np.ndarray) -> float | np.ndarray:
         return self.scale * total_us + self.overhead_us
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["op_factors"] = [{"op": op.to_dict(), "factor": factor} for op, factor in self.op_factors]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> Correction:
@@ -97,7 +113,14 @@ class Correction:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown or "scale" not in data or "overhead_us" not in data:
             raise ValueError(f"correction: unknown fields {sorted(unknown)} or missing scale/overhead_us")
-        return cls(**data)
+        factors = data.get("op_factors", [])
+        if not isinstance(factors, list) or not all(isinstance(f, dict) and set(f) == {"op", "factor"}
+                                                    for f in factors):
+            raise ValueError("correction op_factors: expected a list of {\"op\": ..., \"factor\": ...}")
+        pairs = tuple(sorted((OpSignature.from_dict(f["op"]), f["factor"]) for f in factors))
+        if len({op for op, _ in pairs}) != len(pairs):
+            raise ValueError("correction op_factors: an op appears twice")
+        return cls(**{**data, "op_factors": pairs})
 
 
 @dataclass(frozen=True)
@@ -125,9 +148,18 @@ class LatencyTable:
                            f"({fingerprint.input_size}, {fingerprint.in_channels}, {fingerprint.stem_kind})")
         self.fingerprint = fingerprint
         self.geometry = geometry
-        self.correction = correction or Correction()
         self.info: dict[str, Any] = dict(info or {})
         self._entries: dict[OpSignature, Entry] = dict(entries or {})
+        self.correction = correction or Correction()  # also clears the prediction caches
+
+    @property
+    def correction(self) -> Correction:
+        return self._correction
+
+    @correction.setter
+    def correction(self, correction: Correction) -> None:
+        self._correction = correction
+        self._factors = dict(correction.op_factors)
         self._forget()
 
     # ---- entries -----------------------------------------------------------------------------------------------
@@ -221,7 +253,7 @@ class LatencyTable:
             "fingerprint": self.fingerprint.to_dict(),
             "geometry": self.geometry.to_dict(),
             "info": self.info,
-            "correction": None if self.correction == Correction() else asdict(self.correction),
+            "correction": None if self.correction == Correction() else self.correction.to_dict(),
             "entries": [{"op": op.to_dict(), **asdict(e)} for op, e in sorted(self._entries.items())],
         }
 
@@ -276,12 +308,21 @@ class LatencyTable:
         correction = replace(c, scale=c.scale * factor, overhead_us=c.overhead_us * factor)
         return LatencyTable(self.fingerprint, self.geometry, self._entries, correction, self.info)
 
+    def plain(self) -> LatencyTable:
+        """This table without its correction: predictions are the plain sums of the entries."""
+        if self._plain is None:
+            self._plain = LatencyTable(self.fingerprint, self.geometry, self._entries, None, self.info)
+        return self._plain
+
     def predict(self, arch: Arch, corrected: bool = True) -> float:
-        """Predicted latency of `arch` in milliseconds: the correction applied to the sum of its ops' medians.
+        """Predicted latency of `arch` in milliseconds: the correction applied to its ops' medians
+        (`corrected=False`: their plain sum).
 
         Raises:
             MissingEntry: an op of `arch` was not measured (names it).
         """
+        if not corrected and self._factors:
+            return self.plain().predict(arch, corrected=False)
         total = self._arch_us(arch)
         return float(self.correction.apply_us(total) if corrected else total) / 1e3
 
@@ -295,6 +336,8 @@ class LatencyTable:
         Raises:
             MissingEntry: an op of one of the archs was not measured (names it and the arch).
         """
+        if not corrected and self._factors:
+            return self.plain().predict_many(archs, corrected=False)
         archs = iter(archs)
         parts = []
         while chunk := list(itertools.islice(archs, _CHUNK)):
@@ -305,14 +348,14 @@ class LatencyTable:
         return (self.correction.apply_us(totals) if corrected else totals) / 1e3
 
     def breakdown(self, arch: Arch) -> list[Contribution]:
-        """What each op of `arch` contributes (scaled by the correction), then the correction's overhead.
+        """What each op of `arch` contributes (its factor and the scale applied), then the correction's overhead.
 
         The contributions sum to `predict(arch)`.
         """
         scale = self.correction.scale
         out = []
         for name, op in zip(op_names(arch), arch_ops(arch, self.geometry), strict=True):
-            out.append(Contribution(name, op, scale * self.entry(op, f" ({name} of {arch.encode()})").median_us / 1e3))
+            out.append(Contribution(name, op, scale * self._us(op, f" ({name} of {arch.encode()})") / 1e3))
         out.append(Contribution("correction", None, self.correction.overhead_us / 1e3))
         return out
 
@@ -335,7 +378,7 @@ class LatencyTable:
         ops = SpaceOps(space)
 
         def us(op: OpSignature) -> float:
-            return self.entry(op, f" (space {space.name!r})").median_us
+            return self._us(op, f" (space {space.name!r})")
 
         # best[w]: the extreme latency of stem plus stages so far, ending at width w.
         best = {w: us(op) for w, op in ops.stem.items()}
@@ -350,8 +393,13 @@ class LatencyTable:
         total = pick(best[w] + us(op) for (w, _), op in ops.head.items()) + us(ops.call)
         return float(self.correction.apply_us(total)) / 1e3
 
+    def _us(self, op: OpSignature, where: str = "") -> float:
+        """What `op` adds to a network's sum: its entry's median times its factor."""
+        return self.entry(op, where).median_us * self._factors.get(op, 1.0)
+
     def _forget(self) -> None:
-        """Drop the prediction caches (after entries change)."""
+        """Drop the prediction caches (after the entries or the correction change)."""
+        self._plain: LatencyTable | None = None
         self._stem: dict[int, float] = {}
         self._head: dict[tuple[int, int], float] = {}
         self._first: dict[tuple[int, int, int], dict[Unit, float]] = {}
@@ -423,7 +471,7 @@ class LatencyTable:
         if any(op not in self._entries for op in ops):  # name the first missing op and where it sits
             for name, op in zip(op_names(arch), ops, strict=True):
                 self.entry(op, f" ({name} of {arch.encode()})")
-        values = [self._entries[op].median_us for op in ops]
+        values = [self._us(op) for op in ops]
         self._stem[arch.stem] = values[0]
         self._call = values[-1]
         self._head[(arch.stages[-1].width, arch.head)] = values[-2]

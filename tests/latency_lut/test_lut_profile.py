@@ -27,8 +27,9 @@ from latency_lut import (
     profile,
     validate,
 )
-from latency_lut.ops import call_op
+from latency_lut.ops import arch_ops, call_op
 from latency_lut.timing import export_onnx
+from latency_lut.validation import sample_archs
 from search_space import Arch, SearchSpace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -273,3 +274,33 @@ def test_fit_correction_recovers_scale_and_overhead_and_bounds_a_noisy_fit() -> 
     # explaining everything), which calls every arch equally fast. The overhead stays under half the fastest.
     scale, overhead, _ = fit_correction(np.array([100.0, 200.0, 300.0]), np.array([300.0, 290.0, 280.0]))
     assert overhead <= 140.0 + 1e-6 and scale * 100.0 + overhead > 0.5 * 280.0
+
+
+def test_op_factors_learn_what_each_op_costs_inside_networks(fashion_space: SearchSpace, synthetic_table) -> None:
+    from latency_lut.validation import MIN_OPS_FIT, fit
+
+    table = synthetic_table(fashion_space)
+    rng = np.random.default_rng(0)
+    # In a network each op costs its entry times its own factor (0.6 to 1.6), then the line; 1% noise on top.
+    inside = {op: float(rng.uniform(0.6, 1.6)) for op in table.entries}
+    archs = sample_archs(fashion_space, 400, rng)
+
+    def measured(arch: Arch) -> float:
+        ops = arch_ops(arch, fashion_space.geometry)
+        return (1.1 * sum(table.entries[op].median_us * inside[op] for op in ops) + 50.0) * rng.normal(1.0, 0.01)
+
+    measured_us = np.array([measured(a) for a in archs])
+    calibrate, held = archs[:300], archs[300:]
+    within = {}
+    for how in ("linear", "ops"):
+        correction = fit(table, calibrate, measured_us[:300], how)
+        fitted = LatencyTable(table.fingerprint, table.geometry, table.entries, correction)
+        error = np.abs(fitted.predict_many(held) * 1e3 / measured_us[300:] - 1)
+        within[how] = float(np.mean(error <= 0.05))
+        assert bool(correction.op_factors) == (how == "ops") and (correction.ridge > 0) == (how == "ops")
+    assert within["ops"] >= 0.9 and within["linear"] <= 0.75, within
+    # Too few archs to tell ops apart: the line alone.
+    few = fit(table, calibrate[:MIN_OPS_FIT - 1], measured_us[:MIN_OPS_FIT - 1], "ops")
+    assert not few.op_factors and few.fitted_on == MIN_OPS_FIT - 1
+    with pytest.raises(LutError, match="fit"):
+        fit(table, calibrate, measured_us[:300], "cubic")

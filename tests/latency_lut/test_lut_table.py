@@ -209,3 +209,66 @@ def test_correction_validation() -> None:
         Correction(scale=0.0)
     with pytest.raises(ValueError, match="overhead"):
         Correction(overhead_us=math.nan)
+    space = SearchSpace.from_dict({**TINY, "stages": [{"depths": [1], "widths": [16], "splits": [0.5], "kernels": [3]}]})
+    op = arch_ops(space.smallest(), space.geometry)[0]
+    with pytest.raises(ValueError, match="factor"):
+        Correction(op_factors=((op, 0.0),))
+
+
+def _with_factors(table: LatencyTable, seed: int = 0) -> tuple[LatencyTable, dict]:
+    """A copy of `table` with a random factor (0.5 to 2) for about half its ops, and the factors."""
+    rng = np.random.default_rng(seed)
+    ops = sorted(op for op in table.entries if op.kind != "call")
+    factors = {op: float(rng.uniform(0.5, 2.0)) for op in ops if rng.random() < 0.5}
+    correction = Correction(scale=1.2, overhead_us=30.0, fitted_on=50, op_factors=tuple(sorted(factors.items())),
+                            ridge=0.01)
+    return LatencyTable(table.fingerprint, table.geometry, table.entries, correction), factors
+
+
+def test_op_factors_weigh_each_op_in_every_prediction(tiny_space: SearchSpace, fashion_space: SearchSpace,
+                                                      synthetic_table, all_archs, tmp_path: Path) -> None:
+    table, factors = _with_factors(synthetic_table(fashion_space))
+    rng = np.random.default_rng(0)
+    archs = [fashion_space.sample(rng) for _ in range(200)]
+    for arch in archs[:50]:
+        ops = arch_ops(arch, fashion_space.geometry)
+        weighed = sum(table.entries[op].median_us * factors.get(op, 1.0) for op in ops)
+        assert table.predict(arch) == pytest.approx((1.2 * weighed + 30.0) / 1e3, rel=1e-12)
+        # uncorrected: the plain sum of the entries, factors and all left out
+        plain = sum(table.entries[op].median_us for op in ops)
+        assert table.predict(arch, corrected=False) == pytest.approx(plain / 1e3, rel=1e-12)
+        assert sum(part.ms for part in table.breakdown(arch)) == pytest.approx(table.predict(arch), rel=1e-12)
+    np.testing.assert_array_equal(table.predict_many(archs), [table.predict(a) for a in archs])
+    np.testing.assert_array_equal(table.predict_many(archs, corrected=False),
+                                  [table.predict(a, corrected=False) for a in archs])
+    np.testing.assert_allclose(table.scaled(1.5).predict_many(archs), 1.5 * table.predict_many(archs), rtol=1e-12)
+
+    path = tmp_path / "t.json"
+    table.save(path)
+    loaded = LatencyTable.load(path)
+    assert loaded.correction == table.correction
+    np.testing.assert_array_equal(loaded.predict_many(archs), table.predict_many(archs))
+
+    small, _ = _with_factors(synthetic_table(tiny_space, seed=3), seed=1)
+    predictions = small.predict_many(list(all_archs(tiny_space)))
+    assert small.min_latency(tiny_space) == pytest.approx(predictions.min(), rel=1e-12)
+    assert small.max_latency(tiny_space) == pytest.approx(predictions.max(), rel=1e-12)
+
+    # a new correction replaces the factors in every later prediction
+    table.correction = Correction(scale=1.2, overhead_us=30.0)
+    assert table.predict(archs[0]) == pytest.approx(1.2 * table.predict(archs[0], corrected=False) + 0.03, rel=1e-12)
+
+
+def test_malformed_op_factors_are_refused(tmp_path: Path, fashion_space: SearchSpace, synthetic_table) -> None:
+    table, _ = _with_factors(synthetic_table(fashion_space))
+    path = tmp_path / "t.json"
+    table.save(path)
+    good = json.loads(path.read_text())
+    for bad in ([{"op": good["correction"]["op_factors"][0]["op"]}],  # no factor
+                [{**good["correction"]["op_factors"][0], "factor": -1.0}],
+                good["correction"]["op_factors"][:1] * 2,  # an op twice
+                {"not": "a list"}):
+        data = {**good, "correction": {**good["correction"], "op_factors": bad}}
+        path.write_text(json.dumps(data))
+        with pytest.raises(CorruptTable, match="factor"):
+            LatencyTable.load(path)
