@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.make_jpeg_tree import make_tree  # noqa: E402
+from benchmarks.provenance import commit  # noqa: E402
 from experiments.config import load_experiment  # noqa: E402
 from experiments.data import DEFAULT_FASHION_MNIST, load_splits, make_loader  # noqa: E402
 from experiments.evaluate import Evaluator  # noqa: E402
@@ -133,16 +133,6 @@ def kept_job_section(out: Path) -> list[str]:
     return text[text.index(heading):].splitlines() if heading in text else []
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + (" (uncommitted changes)" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=str(ROOT / "data" / "fmnist-jpeg"), help="the JPEG tree (made if missing)")
@@ -176,7 +166,7 @@ def main() -> int:
         "",
         f"Command: `{command}` (tree: `python benchmarks/make_jpeg_tree.py --out data/fmnist-jpeg --per-class 300 "
         "--val-per-class 50`, 3,000 training and 500 val JPEGs of Fashion-MNIST at 224 px).",
-        f"Commit {_commit()}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()} CPU, "
+        f"Commit {commit()}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()} CPU, "
         f"{os.cpu_count()} cores shared with other work, no GPU; torch {torch.__version__}.",
         f"Load average (1, 5, 15 min) before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
         f"after the throughput rounds: {load_during[0]:.2f} {load_during[1]:.2f} {load_during[2]:.2f}; "

@@ -36,6 +36,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "experiments" / "spaces"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.provenance import commit  # noqa: E402
 
 # name, space file, runtime, method (None: the runtime's default), classes
 CASES = [
@@ -45,12 +48,6 @@ CASES = [
     ("imagenet-onnxruntime", "imagenet.yaml", "onnxruntime", None, 1000),
     ("imagenet-eager-isolated", "imagenet.yaml", "eager", "isolated", 1000),  # the design comparison
 ]
-
-
-def git(*args: str) -> str:
-    """The output of a git command in this checkout ("unknown" outside one)."""
-    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def run(command: list[str]) -> float:
@@ -81,7 +78,7 @@ def case(work: Path, name: str, space_file: str, runtime: str, method: str | Non
     result = {"name": name, "profile_s": profile_s, "profiling_s": table["info"]["profile_seconds"],
               "entries": len(table["entries"]), "validate_s": validate_s, "load": (load_before, os.getloadavg()[0]),
               "commands": [_show(profile_cmd, work), _show(validate_cmd, work)],
-              "commit": git("rev-parse", "--short", "HEAD"), "date": datetime.date.today().isoformat()}
+              "commit": commit(), "date": datetime.date.today().isoformat()}
     (work / f"bench-{name}.json").write_text(json.dumps(result, indent=1))
     return load_case(work, name)
 
@@ -95,7 +92,7 @@ def load_case(work: Path, name: str) -> dict:
 
 def measured_at(results: list[dict], key: str) -> str:
     """The commit or date the cases were measured at (as each case recorded it; HEAD or today for older cases)."""
-    now = git("rev-parse", "--short", "HEAD") if key == "commit" else datetime.date.today().isoformat()
+    now = commit() if key == "commit" else datetime.date.today().isoformat()
     values = sorted({r.get(key, now) for r in results})
     return ", ".join(values) if values else now
 
@@ -172,11 +169,10 @@ def throughput_markdown(rates: list[dict], command: str) -> str:
 
     from latency_lut.fingerprint import cpu_name
 
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
     lines = [
         "# Latency-table prediction speed",
         "",
-        f"`{command}` at commit {git('rev-parse', '--short', 'HEAD')}{dirty}, "
+        f"`{command}` at commit {commit()}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu_name()} ({platform.machine()}), "
         f"2 shared cores, one thread; Python {platform.python_version()}, numpy {np.__version__}; load average "
         f"{os.getloadavg()[0]:.1f}.",

@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import commit  # noqa: E402
+
 SYNTHETIC = ROOT / "experiments" / "synthetic.yaml"
 # Candidates are scored on more synthetic images than the tests use, so that a trial costs about what scoring
 # costs in a real search (a few tenths of a second here) rather than only the study's bookkeeping.
@@ -183,13 +185,6 @@ def measure_ray(folder: Path, target: float, trials: int, nodes: int) -> dict:
     return {"nodes": nodes, **data, "per_min": 60 * data["complete"] / data["seconds"]}
 
 
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-
-
 def write(pg_rows: list[dict], ray_rows: list[dict], args: argparse.Namespace, seconds: float,
           load: tuple[float, float]) -> None:
     score_s = sum(r["score_s"] for r in pg_rows) / len(pg_rows)
@@ -198,7 +193,7 @@ def write(pg_rows: list[dict], ray_rows: list[dict], args: argparse.Namespace, s
         "",
         f"Command: `.venv/bin/python benchmarks/bench_scaleout.py --trials {args.trials} --ray-trials "
         f"{args.ray_trials}` (whole run {seconds / 60:.1f} min).",
-        f"Commit {_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {os.cpu_count()}-core "
+        f"Commit {commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {os.cpu_count()}-core "
         f"shared CPU ({platform.processor() or platform.machine()}), no GPU, other work running beside it.",
         "",
         f"Objective: the real search path on experiments/synthetic.yaml (tiny space) with {BENCH_DATA} and "

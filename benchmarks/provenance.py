@@ -12,7 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    """The output of a git command in this checkout ("unknown" outside one)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def commit() -> str:
+    """The short commit of this checkout, marked when tracked files outside benchmarks/results/ differ from it (the
+    results files are what a benchmark rewrites while it runs)."""
+    changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if line.strip() and not line[3:].startswith("benchmarks/results/")]
+    head = git("rev-parse", "--short", "HEAD")
+    return head + (" (with uncommitted changes)" if changed and head != "unknown" else "")
 
 
 def machine() -> str:
@@ -26,5 +40,5 @@ def header() -> str:
     """One line for a results file: how to reproduce it, and where and when it was measured."""
     command = " ".join(["python", str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]])
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"Measured by `{command}` at commit {git('rev-parse', '--short', 'HEAD')} on "
+    return (f"Measured by `{command}` at commit {commit()} on "
             f"{datetime.date.today().isoformat()}, {machine()}, load average {load} at the end.")

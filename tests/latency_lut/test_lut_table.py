@@ -209,7 +209,8 @@ def test_correction_validation() -> None:
         Correction(scale=0.0)
     with pytest.raises(ValueError, match="overhead"):
         Correction(overhead_us=math.nan)
-    space = SearchSpace.from_dict({**TINY, "stages": [{"depths": [1], "widths": [16], "splits": [0.5], "kernels": [3]}]})
+    stage = {"depths": [1], "widths": [16], "splits": [0.5], "kernels": [3]}
+    space = SearchSpace.from_dict({**TINY, "stages": [stage]})
     op = arch_ops(space.smallest(), space.geometry)[0]
     with pytest.raises(ValueError, match="factor"):
         Correction(op_factors=((op, 0.0),))
