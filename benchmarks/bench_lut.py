@@ -247,6 +247,23 @@ def markdown(results: list[dict], n: int) -> str:
         lines.append(f"| {r['name']} | scale {c['scale']:.4f}, overhead {c['overhead_us']:.1f} us{factors} | "
                      f"{cv['mape']:.2f}% | {cv['within_10'] * 100:.1f}% | {cv['within_10_p5'] * 100:.0f}% | "
                      f"{line_only['within_10'] * 100:.1f}% |")
+    sizes = (10, 30, 60, 150)
+    lines += ["", "How many calibration archs the op factors need: the same measurements, a calibration share of each "
+              "size drawn at random 20 times (the penalty cross-validated in each), the rest held out (mean within "
+              "±10%, op factors / the line alone):", "",
+              "| table | " + " | ".join(f"{k} archs" for k in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for r in results:
+        n_archs = len(r["report"]["archs"])
+        cells = []
+        for k in sizes:
+            if k >= n_archs:
+                cells.append("-")
+                continue
+            ops = cross_validated({**r["report"], "correction": {**r["report"]["correction"], "ridge": None}},
+                                  frac=k / n_archs, splits=20)
+            line_only = cross_validated({**r["report"], "fit": "linear"}, frac=k / n_archs, splits=20)
+            cells.append(f"{ops['within_10'] * 100:.0f}% / {line_only['within_10'] * 100:.0f}%")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     lines += ["", "Reading the table:", "",
               "- *uncorrected*: the plain sum of the op entries (and the per-call overhead entry); *held-out*: after "
               "the correction fitted on the calibration archs.",
@@ -259,7 +276,9 @@ def markdown(results: list[dict], n: int) -> str:
               "across op boundaries in a whole network. The correction's line carries the per-call cost and the "
               "statistic (p50 over every call of a network against each op's fastest round); its op factors carry "
               "each op's own gap between its entry and what it costs inside networks, learnt from the calibration "
-              "networks. The two imagenet eager rows, measured alike, show what timing ops in place is worth.",
+              "networks. The two imagenet eager rows compare timing ops in place with timing them alone only when "
+              "their noise columns agree: each case is measured minutes after the one before, and this machine's "
+              "speed changes by tens of percent from one spell to the next.",
               "- Every measurement pins glibc's mmap/trim thresholds (`latency_lut.timing.pin_allocator`); without "
               "it, page faults on large activations depend on the process's history (one unit measured 0.76 ms "
               "in one process and 1.45 ms in another).",

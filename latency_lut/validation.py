@@ -42,7 +42,10 @@ from latency_lut.table import Correction, LatencyTable, write_json_atomic
 from latency_lut.timing import Budget, Measurement, make_runner, measure_interleaved, pin_allocator, thread_count
 from search_space import Arch, SearchSpace
 
-DEFAULT_BUDGET = Budget(rounds=6, block_s=0.05, min_calls=2, max_calls=30, warmup=2)
+# Many short blocks rather than a few long ones, for the same time: a spell of other load then falls on a few of an
+# arch's 24 blocks instead of on one of its 6, and two measurements of the same archs agree better
+# (benchmarks/bench_validation_budget.py, benchmarks/results/lut_budget.md).
+DEFAULT_BUDGET = Budget(rounds=24, block_s=0.0125, min_calls=1, max_calls=30, warmup=2)
 FITS = ("ops", "linear")
 MIN_OPS_FIT = 10  # fewer calibration archs than this fit the line alone (too few to tell ops apart)
 RIDGE_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # penalties the cross-validation chooses from
