@@ -14,9 +14,9 @@ measurement: `Settings.statistic`), in two parts fitted on a calibration share o
 - with ``fit="ops"`` (the default) and at least `MIN_OPS_FIT` calibration archs, a factor per op
   (`fit_op_factors`): what the op costs inside whole networks against its own entry, by ridge regression on what
   the line leaves over, the penalty chosen by cross-validation. An op timed alone (every ONNX Runtime entry) finds
-  its weights hot in cache and misses what the runtime fuses or reorders across op boundaries, and each op by its
-  own amount: on this project's CPU the line alone put 87% of held-out fashion_mnist archs within ±10% in ONNX
-  Runtime, the factors 97% (benchmarks/results/lut_cpu.md has the current figures).
+  its weights hot in cache and misses what the runtime fuses or reorders across op boundaries, each op by its own
+  amount, which one line cannot repair (benchmarks/results/lut_cpu.md compares the two fits on the same
+  measurements).
 
 The fitted correction is saved into the table; metrics are reported on the other, held-out archs, both before and
 after it.

@@ -223,6 +223,7 @@ def test_cached_verdicts_of_another_machine_are_measured_again(config, lut, loos
 # ---- budgets relative to a reference, families, shared supernets --------------------------------------------------
 
 
+@pytest.mark.slow  # whole runs with retraining: .ci/run runs the slow tests of this file
 def test_a_budget_relative_to_a_reference_is_measured_now_and_compared(config, lut, tmp_path, capsys):
     args = [*base_args(config, lut, "1.5xlargest", tmp_path / "run"), "--compare-references"]
     code, err = run(args, capsys)
@@ -280,6 +281,7 @@ def test_winners_are_fine_tuned_from_the_supernet_when_the_recipe_says_so(config
     assert "fine-tuned from the weights of" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.slow  # whole runs with retraining: .ci/run runs the slow tests of this file
 def test_several_budgets_give_winners_for_each_within_its_own(config, lut, tmp_path, capsys):
     code, err = run(base_args(config, lut, "0.9xlargest,1.5xlargest", tmp_path / "run"), capsys)
     assert code == 0, err
