@@ -12,6 +12,7 @@ The ground truth: every arch retrained from scratch with the quick preset's reci
 retrain --preset quick`, what `make demo` ships) at seeds 0, 1 and 2, seed-major; the mean validation accuracy
 (5,000 images) ranks them, and the test accuracy (10,000) is reported beside it. The report gives the spread of the
 archs' means next to the seed-to-seed noise: a ground truth whose spread is inside its noise ranks nothing.
+--truth NAME=PRESET+KEY=VALUE... retrains it with another recipe (e.g. more epochs), in another --out.
 
 The supernets: each of --presets (quick, full) trained exactly as search.py trains it (its recipe, its replicas, in
 the shared supernet store, so search.py and bench_budgets.py --full reuse them), and every arch scored as the preset
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PRESET+KEY=VALUE...",
                         help="also score a supernet of a preset changed key by key, e.g. "
                         "quick-fair=quick+supernet.sampling=fair+supernet.max_steps_per_epoch=33 (repeatable)")
+    parser.add_argument("--truth", default=TRUTH_PRESET, metavar="PRESET | NAME=PRESET+KEY=VALUE...",
+                        help=f"the retraining recipe of the ground truth (default: the {TRUTH_PRESET} preset), e.g. "
+                        "quick-6ep=quick+retrain.epochs=6; another recipe needs another --out")
     parser.add_argument("--lut", type=Path, default=None, help="latency table that spreads the archs (default: the "
                         "cache folder's ONNX Runtime table for the space, batch 1, 1 thread)")
     parser.add_argument("--supernet-store", type=Path, default=None, help="shared supernets (default: search.py's)")
@@ -173,17 +177,23 @@ class Bench:
         self.args = args
         self.out: Path = args.out
         self.config: Path = args.config.resolve()
-        self.cfg = load_experiment(self.config, TRUTH_PRESET)
         self.variants = dict(parse_variant(v) for v in args.variant)
         self.presets = list(dict.fromkeys([*args.presets, *self.variants]))
-        # The supernets' experiment file: the given one, plus a preset for each variant.
-        self.supernet_config = self.config if not self.variants else variants_file(self.config, self.variants,
-                                                                                   args.out)
-        for preset in self.presets:
-            load_experiment(self.supernet_config, preset)  # an unknown preset or key fails now, not after hours
-        self.space = SearchSpace.from_yaml(self.cfg.space)
+        truth = dict([parse_variant(args.truth)]) if "=" in args.truth else {}
+        self.truth = next(iter(truth), args.truth)
+        # The experiment file of the supernets and the retraining: the given one, plus a preset for each variant.
+        both = {**self.variants, **truth}
+        self.variant_config = self.config if not both else variants_file(self.config, both, args.out)
+        for preset in [*self.presets, self.truth]:
+            load_experiment(self.variant_config, preset)  # an unknown preset or key fails now, not after hours
+        self.space = SearchSpace.from_yaml(load_experiment(self.config, None).space)
         self.state_path = self.out / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        cached = self.state.get("truth", {"name": TRUTH_PRESET})
+        if self.state.get("trainings") and cached != {"name": self.truth, **truth.get(self.truth, {})}:
+            raise ValueError(f"{self.state_path}: its ground truth was retrained with {cached}; use another --out "
+                             f"for --truth {args.truth}")
+        self.state["truth"] = {"name": self.truth, **truth.get(self.truth, {})}
         for key in ("trainings", "scores"):
             self.state.setdefault(key, {})
         self.lock = threading.Lock()
@@ -204,7 +214,7 @@ class Bench:
         self.state.update(command=" ".join(["python", "benchmarks/bench_heldout.py", *map(shlex.quote,
                                                                                         sys.argv[1:])]),
                           commit=commit(), date=datetime.date.today().isoformat(), machine=machine(),
-                          seeds=self.args.seeds, truth_preset=TRUTH_PRESET)
+                          seeds=self.args.seeds)
         self.state["presets"] = list(dict.fromkeys([*self.state.get("presets", []), *self.presets]))
         self.state.setdefault("variants", {}).update(self.variants)
         self.save()
@@ -271,7 +281,7 @@ class Bench:
         for preset in self.presets:
             if preset in self.state["scores"]:
                 continue
-            for k in range(load_experiment(self.supernet_config, preset).supernet.replicas):
+            for k in range(load_experiment(self.variant_config, preset).supernet.replicas):
                 out.append((f"{preset} supernet {k}", lambda p=preset, k=k: self.replica(p, k)))
         out += [retrain(code, seed) for seed in rest for code in self.state["archs"]
                 if f"{code}@s{seed}" not in self.state["trainings"]]
@@ -280,8 +290,9 @@ class Bench:
     def retrain(self, code: str, seed: int) -> None:
         run_dir = self.out / "train" / code / f"s{seed}"
         log = self.out / "logs" / f"retrain-{list(self.state['archs']).index(code)}-s{seed}.log"
-        run_logged([sys.executable, "-m", "experiments.train", "retrain", "--config", str(self.config), "--preset",
-                    TRUTH_PRESET, "--seed", str(seed), "--threads", str(self.args.threads), "--run-dir",
+        config = self.config if self.truth == self.args.truth else self.variant_config  # a preset, or a variant
+        run_logged([sys.executable, "-m", "experiments.train", "retrain", "--config", str(config), "--preset",
+                    self.truth, "--seed", str(seed), "--threads", str(self.args.threads), "--run-dir",
                     str(run_dir), "--arch", code, "--no-progress"], log)
         summary = json.loads((run_dir / "retrain.json").read_text())
         seconds = sum(epoch.get("seconds", 0) for epoch in summary["history"])
@@ -293,7 +304,7 @@ class Bench:
 
     def replica(self, preset: str, k: int) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--replica", f"{preset}:{k}", "--config",
-               str(self.supernet_config), "--threads", str(self.args.threads)]
+               str(self.variant_config), "--threads", str(self.args.threads)]
         if self.args.supernet_store is not None:
             cmd += ["--supernet-store", str(self.args.supernet_store)]
         run_logged(cmd, self.out / "logs" / f"supernet-{preset}-{k}.log")
@@ -305,7 +316,7 @@ class Bench:
         for preset in self.presets:
             if preset in self.state["scores"]:
                 continue
-            cfg = load_experiment(self.supernet_config, preset)
+            cfg = load_experiment(self.variant_config, preset)
             entries = replica_entries(store_of(self.args), self.space, cfg, 10)
             if all(e.finished(cfg.supernet.epochs) for e in entries):
                 self.state["scores"][preset] = self.score(cfg, [e.checkpoint for e in entries])
@@ -347,7 +358,7 @@ class Bench:
         rows = self.rows()
         analysis = analyse(rows, list(self.state["scores"]))
         summary = {k: self.state.get(k) for k in ("command", "commit", "date", "machine", "arch_seed", "lut",
-                                                   "seeds", "presets", "truth_preset", "trainings")}
+                                                   "seeds", "presets", "truth", "trainings")}
         scores = {p: {k: v for k, v in s.items() if k != "archs"} for p, s in self.state["scores"].items()}
         summary.update(rows=rows, analysis=analysis, scores=scores)
         atomic_write(self.args.results / "heldout.json", lambda f: json.dump(summary, f, indent=1))
@@ -417,7 +428,7 @@ def markdown(state: dict, rows: list[dict], a: dict) -> str:
              f"{state.get('machine')}. Archs: {len(rows)} drawn with seed {state.get('arch_seed')} at evenly spaced "
              f"quantiles of predicted latency (`{Path(state.get('lut', '')).name}`, ONNX Runtime, batch 1, 1 thread) "
              "over 2,000 uniform samples; none was used to choose a recipe. Ground truth: each retrained from scratch "
-             f"with the {state.get('truth_preset')} preset's recipe at seeds {', '.join(map(str, state['seeds']))}; "
+             f"with {recipe_text(state)} at seeds {', '.join(map(str, state['seeds']))}; "
              "the mean validation accuracy ranks them, the mean test accuracy is shown beside it. Supernet "
              "scores: as each preset scores candidates (its recipe, replicas and evaluation image counts).", ""]
     head = "| arch | units | MFLOPs | predicted ms | val % (seeds) | mean val | mean test |"
@@ -464,8 +475,16 @@ def markdown(state: dict, rows: list[dict], a: dict) -> str:
         lines.append(f"- `{name}` is not a shipped preset: the {variant['base']} preset with {changes}.")
     missing = [p for p in state.get("presets", []) if p not in presets]
     if missing:
-        lines.append(f"Supernets not trained yet: {', '.join(missing)}.")
+        lines += ["", f"Supernets not trained yet: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
+
+
+def recipe_text(state: dict) -> str:
+    truth = state.get("truth", {"name": TRUTH_PRESET})
+    if "base" not in truth:
+        return f"the {truth['name']} preset's recipe"
+    changes = ", ".join(f"`{k}: {v}`" for k, v in truth["set"].items())
+    return f"the {truth['base']} preset's recipe with {changes}"
 
 
 def _mean(values: list[float]) -> str:
