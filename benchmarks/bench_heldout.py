@@ -39,6 +39,7 @@ import shlex
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from itertools import combinations
 from pathlib import Path
 
@@ -268,15 +269,14 @@ class Bench:
                           archs={pool[i].encode(): {"predicted_ms": float(ms[i])} for i in picks})
         self.save()
 
-    def jobs(self) -> list[tuple[str, callable]]:
+    def jobs(self) -> list[tuple[str, Callable[[], None]]]:
         """What is left, in the order it is worked on: every arch at the first seed (a ground truth of one seed),
         the supernets, then the other seeds."""
-        out = []
-        def retrain(code: str, seed: int):
+        def retrain(code: str, seed: int) -> tuple[str, Callable[[], None]]:
             return f"{depth(code)}-unit arch s{seed}", lambda: self.retrain(code, seed)
 
         first, *rest = self.args.seeds
-        out += [retrain(code, first) for code in self.state["archs"] if f"{code}@s{first}" not in
+        out = [retrain(code, first) for code in self.state["archs"] if f"{code}@s{first}" not in
                 self.state["trainings"]]
         for preset in self.presets:
             if preset in self.state["scores"]:
