@@ -5,7 +5,7 @@ retraining from scratch, on archs drawn for this benchmark alone.
     .venv/bin/python benchmarks/bench_heldout.py --report-only   # rewrite the results from the cache
 
 The archs: --archs (10) of 2,000 uniform samples of the space, at evenly spaced quantiles of their latency as the
-default CPU runtime's table predicts it (ONNX Runtime, batch 1, 1 thread; search.py profiles it on its first run),
+default CPU runtime's table predicts it (ONNX Runtime, batch 1, 1 thread; search.py profiles it when it is missing),
 drawn with --arch-seed (1807; the recipes were chosen on archs of seed 123). They are drawn once and cached.
 
 The ground truth: every arch retrained from scratch with the quick preset's recipe (`python -m experiments.train
@@ -257,7 +257,7 @@ class Bench:
 
         lut = self.args.lut or cache_home() / "luts" / f"{self.space.name}-cpu-onnxruntime-b1-t1-float32-p50.json"
         if not Path(lut).exists():
-            raise FileNotFoundError(f"{lut}: no latency table (search.py profiles it on its first run; or pass "
+            raise FileNotFoundError(f"{lut}: no latency table (search.py profiles it when it is missing; or pass "
                                     "--lut)")
         table = LatencyTable.load(lut, allow_mismatch=True)
         rng = np.random.default_rng(self.args.arch_seed)
