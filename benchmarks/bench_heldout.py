@@ -55,7 +55,7 @@ from tqdm import tqdm  # noqa: E402
 from experiments.config import load_experiment  # noqa: E402
 from search_space import SearchSpace  # noqa: E402
 from search_space.arch import Arch  # noqa: E402
-from search_space.files import atomic_write, cache_home  # noqa: E402
+from search_space.files import atomic_write  # noqa: E402
 
 CONFIG = ROOT / "experiments" / "fashion_mnist.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -190,11 +190,12 @@ class Bench:
         self.space = SearchSpace.from_yaml(load_experiment(self.config, None).space)
         self.state_path = self.out / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        wanted = {"name": self.truth, **truth.get(self.truth, {})}
         cached = self.state.get("truth", {"name": TRUTH_PRESET})
-        if self.state.get("trainings") and cached != {"name": self.truth, **truth.get(self.truth, {})}:
+        if self.state.get("trainings") and cached != wanted:
             raise ValueError(f"{self.state_path}: its ground truth was retrained with {cached}; use another --out "
                              f"for --truth {args.truth}")
-        self.state["truth"] = {"name": self.truth, **truth.get(self.truth, {})}
+        self.state["truth"] = wanted
         for key in ("trainings", "scores"):
             self.state.setdefault(key, {})
         self.lock = threading.Lock()
@@ -253,9 +254,13 @@ class Bench:
                                  f"{self.state['arch_seed']}; use another --out for --archs {self.args.archs} "
                                  f"--arch-seed {self.args.arch_seed}")
             return
-        from latency_lut import LatencyTable
+        from latency_lut import LatencyTable, Settings
+        from latency_lut.profiler import default_out
 
-        lut = self.args.lut or cache_home() / "luts" / f"{self.space.name}-cpu-onnxruntime-b1-t1-float32-p50.json"
+        lat = load_experiment(self.config, None).latency  # the default CPU runtime's table, as search.py keeps it
+        settings = Settings(runtime=lat.runtime or "onnxruntime", batch_size=lat.batch_size, threads=lat.threads,
+                            dtype=lat.dtype, statistic=lat.statistic)
+        lut = self.args.lut or default_out(self.space, "cpu", settings)
         if not Path(lut).exists():
             raise FileNotFoundError(f"{lut}: no latency table (search.py profiles it when it is missing; or pass "
                                     "--lut)")
